@@ -1,0 +1,213 @@
+"""ZImageDiT against ComfyUI's NextDiT and diffusers' ZImageTransformer2DModel on tiny random weights.
+
+Convention notes (details in zimage_nodes/core/dit.py):
+- ComfyUI on the CPU uses its sub-quadratic attention (~1e-6 from ours in fp32); with its PyTorch SDPA
+  path (what it uses on CUDA) ours is bit-identical in fp32 and bf16.
+- diffusers hard-codes the t_embedder hidden size (1024) and the FFN width (int(dim / 3 * 8)), while
+  ComfyUI uses min(dim, 1024) and rounds the FFN up to a multiple of 256. At full size both give the
+  same shapes; at dim 256 they do not, so the diffusers comparison uses its own tiny twin (TINY_DIFFUSERS).
+- diffusers pads captions exactly like ComfyUI (cap_pad_token after the embedder, sequential RoPE
+  positions) and, with one caption length per batch, masks nothing either, so caption lengths that are
+  not multiples of 32 agree too. Only batches of captions of different lengths differ (diffusers masks);
+  ZImageDiT's cap_feats [B, L, C] cannot express that case, so it is not tested.
+- q/k RMSNorm eps: ComfyUI (and our default) use torch's finfo(dtype).eps, diffusers 1e-5; this is why
+  the diffusers comparison is looser unless qk_norm_eps=1e-5 is set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from zimage_nodes.core import attention as attn
+from zimage_nodes.core.dit import DiTConfig, ZImageDiT, dit_config_from_shapes
+from zimage_nodes.core.errors import CheckpointError, InputError
+
+TINY = DiTConfig(dim=256, n_layers=2, n_refiner_layers=2, n_heads=2, ffn_hidden=768, cap_feat_dim=64,
+                 t_hidden=256, adaln_dim=256)
+TINY_DIFFUSERS = replace(TINY, ffn_hidden=682, t_hidden=1024)
+FULL = DiTConfig(dim=3840, n_layers=30, n_refiner_layers=2, n_heads=30, ffn_hidden=10240, cap_feat_dim=2560)
+# (sigma, caption length, latent H, W): a caption that is not a multiple of 32, odd latent sizes
+CASES = [(1.0, 32, 8, 8), (0.5, 20, 7, 9), (0.05, 45, 6, 10)]
+
+
+def shapes_of(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in ZImageDiT(cfg).state_dict().items()}
+
+
+def random_state_dict(cfg: DiTConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Weights in the original file layout with O(1) activations: linear weights ~ 1/sqrt(fan_in),
+    norm weights near 1, small biases."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in shapes_of(cfg).items():
+        r = torch.randn(shape, generator=g)
+        if k.endswith("pad_token"):
+            sd[k] = r
+        elif k.endswith("bias"):
+            sd[k] = 0.1 * r
+        elif len(shape) == 1:
+            sd[k] = 1 + 0.1 * r
+        else:
+            sd[k] = r / math.sqrt(shape[1])
+    return sd
+
+
+def inputs(cfg: DiTConfig, sigma: float, cap_len: int, h: int, w: int, batch: int = 1, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, cfg.in_channels, h, w, generator=g)
+    cap = torch.randn(batch, cap_len, cfg.cap_feat_dim, generator=g)
+    return x, torch.full((batch,), sigma), cap
+
+
+def ours(cfg: DiTConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> ZImageDiT:
+    m = ZImageDiT(cfg, dtype=dtype).eval()
+    m.load_state_dict(sd, strict=True)
+    return m
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def comfy_ops(request, tmp_path_factory):
+    """ComfyUI's lumina model, ops and attention modules (through the session fixture, or a bare
+    import when the generated-checkpoint fixtures it builds on are unavailable)."""
+    try:
+        request.getfixturevalue("comfy_modules")
+    except Exception:
+        from tests.comfy_env import ensure_comfy_importable
+        ensure_comfy_importable(tmp_path_factory.mktemp("cb"))
+    import comfy.ldm.lumina.model
+    import comfy.ldm.modules.attention
+    import comfy.ops
+    return comfy.ldm.lumina.model, comfy.ops, comfy.ldm.modules.attention
+
+
+def comfy_nextdit(comfy_ops, sd: dict[str, torch.Tensor], dtype: torch.dtype):
+    lumina, ops, _ = comfy_ops
+    m = lumina.NextDiT(patch_size=2, in_channels=16, dim=256, n_layers=2, n_refiner_layers=2, n_heads=2,
+                       n_kv_heads=2, multiple_of=256, ffn_dim_multiplier=8.0 / 3.0, qk_norm=True,
+                       cap_feat_dim=64, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512], rope_theta=256.0,
+                       z_image_modulation=True, time_scale=1000.0, pad_tokens_multiple=32,
+                       operations=ops.disable_weight_init, dtype=dtype).eval()
+    m.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True)
+    return m
+
+
+def test_config_from_shapes_round_trips():
+    shapes = shapes_of(TINY)
+    assert dit_config_from_shapes(shapes) == TINY
+    assert dit_config_from_shapes({"model.diffusion_model." + k: v for k, v in shapes.items()},
+                                  prefix="model.diffusion_model.") == TINY
+    assert dit_config_from_shapes(shapes_of(TINY_DIFFUSERS)) == TINY_DIFFUSERS
+    assert dit_config_from_shapes({k: v for k, v in shapes.items() if k != "norm_final.weight"}) == TINY
+    full = shapes_of(FULL)
+    assert dit_config_from_shapes(full) == FULL
+    # 454 tensors as in z_image_turbo_bf16.safetensors; diffusers' 6,154,908,736 params lack norm_final
+    assert len(full) == 454 and sum(math.prod(s) for s in full.values()) == 6_154_908_736 + 3840
+
+
+@pytest.mark.parametrize("damage", ["missing", "head_dim", "truncated", "extra_refiner"])
+def test_config_from_bad_shapes_raises(damage):
+    shapes = shapes_of(TINY)
+    if damage == "missing":
+        del shapes["layers.0.feed_forward.w1.weight"]
+    elif damage == "head_dim":
+        shapes["layers.0.attention.q_norm.weight"] = (64,)
+    elif damage == "truncated":
+        del shapes["layers.1.attention.out.weight"]
+    else:
+        shapes.update({k.replace("context_refiner.1", "context_refiner.2"): v
+                       for k, v in shapes.items() if k.startswith("context_refiner.1.")})
+    with pytest.raises(CheckpointError) as e:
+        dit_config_from_shapes(shapes)
+    assert e.value.found and e.value.expected and e.value.fix
+
+
+@torch.inference_mode()
+def test_matches_comfyui_nextdit(comfy_ops, monkeypatch):
+    sd = random_state_dict(TINY)
+    # fp32 against ComfyUI's CPU attention (sub-quadratic): measured <= 1e-6
+    ref_model, model = comfy_nextdit(comfy_ops, sd, torch.float32), ours(TINY, sd)
+    for sigma, cap_len, h, w in CASES:
+        x, s, cap = inputs(TINY, sigma, cap_len, h, w)
+        ref = ref_model(x, s, cap, num_tokens=cap_len)
+        assert model(x, s, cap).shape == ref.shape == x.shape
+        assert torch.isfinite(ref).all() and ref.abs().max() > 0.1
+        assert rel_err(model(x, s, cap), ref) < 1e-5, (sigma, cap_len, h, w)
+    x, cap = inputs(TINY, 0.0, 20, 8, 6, batch=2)[::2]  # a batch with different sigmas
+    s = torch.tensor([0.9, 0.3])
+    assert rel_err(model(x, s, cap), ref_model(x, s, cap, num_tokens=20)) < 1e-5
+    # with ComfyUI on PyTorch SDPA (its attention on CUDA) both dtypes are bit-identical
+    lumina, _, comfy_attention = comfy_ops
+    monkeypatch.setattr(lumina, "optimized_attention_masked", comfy_attention.attention_pytorch)
+    for dtype in (torch.float32, torch.bfloat16):
+        ref_model, model = comfy_nextdit(comfy_ops, sd, dtype), ours(TINY, sd, dtype)
+        for sigma, cap_len, h, w in CASES:
+            x, s, cap = inputs(TINY, sigma, cap_len, h, w)
+            out = model(x.to(dtype), s, cap.to(dtype))
+            assert out.dtype == dtype
+            assert torch.equal(out, ref_model(x.to(dtype), s, cap.to(dtype), num_tokens=cap_len))
+
+
+@torch.inference_mode()
+def test_matches_diffusers_with_comfyui_sign():
+    from diffusers import ZImageTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
+    cfg = TINY_DIFFUSERS
+    sd = random_state_dict(cfg)
+    ref_model = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=cfg.dim, n_layers=cfg.n_layers,
+        n_refiner_layers=cfg.n_refiner_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_heads, norm_eps=1e-5,
+        qk_norm=True, cap_feat_dim=cfg.cap_feat_dim, rope_theta=256.0, t_scale=1000.0,
+        axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512]).eval()
+    ref_model.load_state_dict(convert_z_image_transformer_checkpoint_to_diffusers(dict(sd)), strict=True)
+    comfy_eps, official_eps = ours(cfg, sd), ours(replace(cfg, qk_norm_eps=1e-5), sd)
+    for sigma, cap_len, h, w in [(1.0, 32, 8, 8), (0.5, 20, 6, 10), (0.05, 45, 10, 4)]:  # diffusers: even H, W
+        x, s, cap = inputs(cfg, sigma, cap_len, h, w, batch=2)
+        # diffusers takes lists of [C, F, H, W] latents and [L, C] captions, t = 1 - sigma, opposite sign
+        ref = -torch.stack(ref_model(list(x[:, :, None]), 1 - s, list(cap), return_dict=False)[0])[:, :, 0]
+        assert torch.isfinite(ref).all() and ref.abs().max() > 0.1
+        assert rel_err(official_eps(x, s, cap), ref) < 1e-5  # measured <= 1e-6
+        assert rel_err(comfy_eps(x, s, cap), ref) < 1e-4  # measured <= 5e-6 (q/k norm eps)
+    ref = -ref_model.to(torch.bfloat16)(list(x[:, :, None].bfloat16()), 1 - s, list(cap.bfloat16()),
+                                        return_dict=False)[0][0][:, 0]
+    assert rel_err(comfy_eps.to(torch.bfloat16)(x, s, cap)[0], ref) < 3e-2  # measured ~1e-2 (bf16 rounding)
+
+
+def test_attention_backend_fallback(monkeypatch):
+    assert attn.available_backends()[0] == "sdpa"
+    assert attn.resolve_backend("sdpa") == ("sdpa", None)
+    with pytest.raises(InputError):
+        attn.resolve_backend("bogus")
+    monkeypatch.setitem(attn._PACKAGES, "sage", "zimage_test_no_such_module")
+    attn._kernel.cache_clear()
+    try:
+        backend, reason = attn.resolve_backend("sage")
+        assert backend == "sdpa" and "sage" in reason and "sage" not in attn.available_backends()
+        assert ZImageDiT(TINY, device="meta").set_attention_backend("sage") == reason
+    finally:
+        attn._kernel.cache_clear()
+    q, k, v = torch.randn(3, 1, 2, 40, 128).unbind(0)
+    assert torch.equal(attn.attention(q, k, v, "flash"), attn.attention(q, k, v))  # CPU fp32 runs as SDPA
+
+
+@torch.inference_mode()
+def test_meta_build_then_assign_load_has_no_meta_tensors():
+    sd = random_state_dict(TINY)
+    with torch.device("meta"):
+        model = ZImageDiT(TINY)
+    model.load_state_dict(sd, strict=True, assign=True)
+    assert not [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    calls = []
+    model.block_hook = lambda i, block: calls.append((i, block is model.layers[i]))
+    x, s, cap = inputs(TINY, 0.7, 20, 6, 6)
+    out = model(x, s, cap)
+    assert calls == [(0, True), (1, True)] and torch.equal(out, ours(TINY, sd)(x, s, cap))
+    model.cap_bucket = 64
+    assert torch.isfinite(model(x, s, cap)).all() and (64, 3, 3, x.device) in model._rope_cache

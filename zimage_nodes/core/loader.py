@@ -1,0 +1,321 @@
+"""Staged loading of Z-Image's three components.
+
+Stage 1 reads every header and identifies every file before anything is allocated; stage 2 builds
+each module on the meta device from the configuration its shapes imply; stage 3 streams tensors from
+the memory-mapped file straight to their device and dtype, one at a time; the text encoder is only
+planned here and loaded when first needed (stage 5), without its last layer and final norm.
+Handing the modules to ComfyUI's model management (stage 4) is the runtime's job.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import dit as dit_mod
+from . import text_encoder as te_mod
+from . import vae as vae_mod
+from .errors import CheckpointError, InputError
+from .identify import Kind, expect, identify
+from .ops import cast_linears
+from .st_io import Header, TensorInfo, read_header, set_module_tensor, stream_tensors
+
+# Storage dtype choices offered per component ("auto" decides by device).
+DTYPES: dict[str, Optional[torch.dtype]] = {
+    "auto": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+    "fp8_e4m3fn": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+ProgressFn = Callable[[int, int], None]  # (done, total) tensors of the current component
+
+
+@dataclass
+class Source:
+    """One component's files (a single file, or the shards of a diffusers sub-folder)."""
+    kind: Kind
+    headers: list[Header]
+    prefix: str
+    layout: str  # "single" or "diffusers"
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        out: dict[str, tuple[int, ...]] = {}
+        for h in self.headers:
+            out.update(h.shapes())
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(h.total_bytes() for h in self.headers)
+
+    @property
+    def identity(self) -> str:
+        """Names the weights (paths, sizes and modification times): keys the embedding cache."""
+        return ";".join(f"{h.path.resolve()}:{h.file_size}:{int(h.path.stat().st_mtime)}" for h in self.headers)
+
+    def file_of(self) -> dict[str, Header]:
+        return {k: h for h in self.headers for k in h.tensors}
+
+
+@dataclass
+class LoadPlan:
+    dit: Source
+    text_encoder: Source
+    vae: Source
+    tokenizer_dir: Path
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """The text encoder's width must be what the DiT's caption embedder takes."""
+        cap = next((s[1] for k, s in self.dit.shapes.items()
+                    if k.endswith(("cap_embedder.1.weight", "cap_embedder.0.weight")) and len(s) == 2), None)
+        hidden = next((s[1] for k, s in self.text_encoder.shapes.items() if k.endswith("embed_tokens.weight")), None)
+        if cap is not None and hidden is not None and cap != hidden:
+            te = self.text_encoder.headers[0].path.name
+            raise CheckpointError(
+                f"The text encoder {te} does not fit the DiT {self.dit.headers[0].path.name}.",
+                found=f"text encoder width {hidden}, DiT caption width {cap}",
+                expected="Qwen3-4B (width 2560) for Z-Image-Turbo",
+                fix="pick qwen_3_4b.safetensors in `text_encoder_name`")
+
+
+# ---------------------------------------------------------------- stage 1: identify
+
+def _single(path: Path, kind: Kind, slot: str) -> Source:
+    header = read_header(path)
+    ident = expect(header, kind, slot)
+    return Source(kind, [header], ident.prefix, "single")
+
+
+def _shards(folder: Path, kind: Kind, slot: str) -> Source:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise CheckpointError(
+            f"No .safetensors weights in {folder}.",
+            found=", ".join(pickles) if pickles else "no weight files",
+            expected="diffusion_pytorch_model*.safetensors / model*.safetensors",
+            fix="download the safetensors version of the folder (pickle .bin files are never loaded)")
+    headers = [read_header(p) for p in files]
+    merged = Header(path=folder, tensors={k: v for h in headers for k, v in h.tensors.items()},
+                    metadata={}, file_size=sum(h.file_size for h in headers))
+    ident = expect(merged, kind, slot)
+    return Source(kind, headers, ident.prefix, "diffusers")
+
+
+def plan_single_files(dit_path: Path, te_path: Path, vae_path: Path, tokenizer_dir: Path) -> LoadPlan:
+    """Read the three headers and check each file is what its slot needs. Allocates nothing."""
+    return LoadPlan(dit=_single(dit_path, Kind.ZIMAGE_DIT, "dit_name"),
+                    text_encoder=_single(te_path, Kind.QWEN3_TE, "text_encoder_name"),
+                    vae=_single(vae_path, Kind.FLUX_VAE, "vae_name"),
+                    tokenizer_dir=tokenizer_dir)
+
+
+def plan_diffusers_folder(folder: Path, fallback_tokenizer: Path) -> LoadPlan:
+    """The Tongyi-MAI/Z-Image-Turbo folder layout (transformer/, text_encoder/, vae/, tokenizer/)."""
+    index = folder / "model_index.json"
+    try:
+        json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{index} is missing or not JSON.", found=str(e),
+                              expected="a diffusers folder with model_index.json",
+                              fix="copy the whole Z-Image-Turbo folder") from e
+    for sub in ("transformer", "text_encoder", "vae"):
+        if not (folder / sub).is_dir():
+            raise CheckpointError(f"The diffusers folder {folder} has no '{sub}' sub-folder.",
+                                  expected="transformer/, text_encoder/, vae/, tokenizer/",
+                                  fix="copy the complete folder")
+    tok = folder / "tokenizer"
+    notes = []
+    if not tok.is_dir():
+        tok = fallback_tokenizer
+        notes.append(f"{folder.name} has no tokenizer/; using ComfyUI's Qwen tokenizer files")
+    return LoadPlan(dit=_shards(folder / "transformer", Kind.ZIMAGE_DIT, "diffusers_folder/transformer"),
+                    text_encoder=_shards(folder / "text_encoder", Kind.QWEN3_TE, "diffusers_folder/text_encoder"),
+                    vae=_shards(folder / "vae", Kind.FLUX_VAE, "diffusers_folder/vae"),
+                    tokenizer_dir=tok, notes=notes)
+
+
+# ---------------------------------------------------------------- dtype rules
+
+def device_supports(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether matmuls can run in this dtype on the device (fp8 is only ever a storage format here)."""
+    if dtype in FP8:
+        return False
+    if device.type == "cuda":
+        return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported()
+    return True
+
+
+def choose_dtypes(choice: str, device: torch.device, component: str, input_name: str,
+                  notes: list[str]) -> tuple[torch.dtype, torch.dtype]:
+    """(storage dtype, compute dtype) for a component from the user's choice."""
+    if choice not in DTYPES:
+        raise InputError(f"`{input_name}`: unknown dtype '{choice}'.", expected=", ".join(DTYPES),
+                         fix="choose auto")
+    want = DTYPES[choice]
+    bf16_ok = device_supports(torch.bfloat16, device)
+    default = torch.bfloat16 if (device.type == "cuda" and bf16_ok) else torch.float32
+    if want is None:
+        return default, default
+    if component == "vae" and want == torch.float16:
+        notes.append("VAE: fp16 gives NaN/black images with this VAE; using bf16 instead")
+        want = torch.bfloat16 if bf16_ok else torch.float32
+    if want in FP8:
+        if component == "vae":
+            notes.append("VAE: fp8 is not supported for the VAE; using bf16")
+            return torch.bfloat16, torch.bfloat16
+        compute = torch.bfloat16 if bf16_ok else torch.float32
+        notes.append(f"{component}: weights stored as {choice}, computed in {str(compute).replace('torch.', '')}")
+        return want, compute
+    if not device_supports(want, device):
+        notes.append(f"{component}: {choice} is not supported on {device}; using {default}")
+        return default, default
+    return want, want
+
+
+# ---------------------------------------------------------------- stages 2 and 3: build and stream
+
+# A file tensor's destination: (module tensor name, piece index, number of pieces). Pieces are equal
+# slices along dim 0 (diffusers splits the fused qkv into to_q/to_k/to_v; we stream them back in).
+Target = tuple[str, int, int]
+
+# diffusers' single-file converter renames (convert_z_image_transformer_checkpoint_to_diffusers), inverted.
+_DIFFUSERS_DIT_RENAMES = [("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."),
+                          (".attention.to_out.0.", ".attention.out."), (".attention.norm_k.", ".attention.k_norm."),
+                          (".attention.norm_q.", ".attention.q_norm.")]
+_QKV = {".attention.to_q.weight": 0, ".attention.to_k.weight": 1, ".attention.to_v.weight": 2}
+
+
+def dit_targets(keys: list[str], prefix: str, layout: str) -> dict[str, Target]:
+    """Where each DiT file tensor goes in ZImageDiT (whose names are the original file keys)."""
+    out: dict[str, Target] = {}
+    for key in keys:
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if name == "scaled_fp8" or name.endswith(("scale_weight", "scale_input")):
+            continue
+        if layout == "diffusers":
+            piece = next(((name.replace(s, ".attention.qkv.weight"), i) for s, i in _QKV.items() if name.endswith(s)),
+                         None)
+            if piece is not None:
+                out[key] = (piece[0], piece[1], 3)
+                continue
+            for a, b in _DIFFUSERS_DIT_RENAMES:
+                name = name.replace(a, b)
+        out[key] = (name, 0, 1)
+    return out
+
+
+def original_shapes(shapes: dict[str, tuple[int, ...]], targets: dict[str, Target]) -> dict[str, tuple[int, ...]]:
+    """The shapes the tensors have in the original layout (fused qkv rows summed)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for key, (name, _i, n) in targets.items():
+        shape = shapes[key]
+        out[name] = (shape[0] * n, *shape[1:]) if n > 1 else shape
+    return out
+
+
+def _stream_into(module: torch.nn.Module, source: Source, targets: dict[str, Target], device: torch.device,
+                 dtype_for: Callable[[str, TensorInfo], Optional[torch.dtype]],
+                 progress: Optional[ProgressFn]) -> None:
+    """Copy every mapped tensor from the files into the meta-built module, one tensor at a time."""
+    by_file: dict[Path, list[str]] = {}
+    owner = source.file_of()
+    for key in targets:
+        by_file.setdefault(owner[key].path, []).append(key)
+    partial: dict[str, tuple[torch.Tensor, int]] = {}
+    total, done = len(targets), 0
+    for path, keys in by_file.items():
+        for key, tensor in stream_tensors(path, keys, device, dtype_for):
+            name, index, pieces = targets[key]
+            if pieces == 1:
+                set_module_tensor(module, name, tensor)
+            else:
+                buf, filled = partial.get(name, (None, 0))
+                if buf is None:
+                    buf = torch.empty((tensor.shape[0] * pieces, *tensor.shape[1:]), device=device, dtype=tensor.dtype)
+                rows = tensor.shape[0]
+                buf[index * rows:(index + 1) * rows].copy_(tensor)
+                del tensor
+                partial[name] = (buf, filled + 1)
+                if filled + 1 == pieces:
+                    set_module_tensor(module, name, partial.pop(name)[0])
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    if partial:
+        raise CheckpointError(f"{source.headers[0].path}: the split q/k/v projections are incomplete.",
+                              found=f"pieces of {sorted(partial)[:3]}", expected="to_q, to_k and to_v for every block",
+                              fix="re-download the transformer folder")
+
+
+def _check_complete(module: torch.nn.Module, source: Source) -> None:
+    left = [n for n, p in list(module.named_parameters()) + list(module.named_buffers()) if p.is_meta]
+    if left:
+        raise CheckpointError(f"{source.headers[0].path} lacks weights the model needs.",
+                              found=f"{len(left)} tensors missing, e.g. {left[:3]}",
+                              expected="a complete Z-Image checkpoint", fix="re-download the file")
+
+
+def _float_dtype_for(storage: torch.dtype) -> Callable[[str, TensorInfo], Optional[torch.dtype]]:
+    """Matmul weights go to the storage dtype (fp8 allowed); everything else stays high precision."""
+    def pick(name: str, info: TensorInfo) -> Optional[torch.dtype]:
+        if storage in FP8:
+            big_matrix = len(info.shape) == 2 and name.endswith("weight") and min(info.shape) > 1
+            return storage if big_matrix and "pad_token" not in name else torch.bfloat16
+        return storage
+    return pick
+
+
+def load_dit(source: Source, device: torch.device, storage: torch.dtype, compute: torch.dtype,
+             progress: Optional[ProgressFn] = None) -> dit_mod.ZImageDiT:
+    shapes = source.shapes
+    targets = dit_targets(list(shapes), source.prefix, source.layout)
+    cfg = dit_mod.dit_config_from_shapes(original_shapes(shapes, targets))
+    with torch.device("meta"):
+        model = dit_mod.ZImageDiT(cfg, dtype=compute)
+    _stream_into(model, source, targets, device, _float_dtype_for(storage), progress)
+    if model.norm_final.weight.is_meta:  # unused by the forward; diffusers folders lack it
+        set_module_tensor(model, "norm_final.weight", torch.ones(cfg.dim, device=device, dtype=compute))
+    _check_complete(model, source)
+    return model.eval().requires_grad_(False)
+
+
+def load_vae(source: Source, device: torch.device, dtype: torch.dtype,
+             progress: Optional[ProgressFn] = None) -> vae_mod.ZImageVAE:
+    return vae_mod.load_vae(source.headers, source.prefix, device=device, dtype=dtype, progress=progress)
+
+
+@dataclass
+class LazyTextEncoder:
+    """The text encoder, planned at load time and built on first use (stage 5)."""
+    source: Source
+    device: torch.device
+    storage: torch.dtype
+    compute: torch.dtype
+    module: Optional[te_mod.ZImageTextEncoder] = None
+
+    @property
+    def identity(self) -> str:
+        return self.source.identity
+
+    def get(self, progress: Optional[ProgressFn] = None) -> te_mod.ZImageTextEncoder:
+        if self.module is None:
+            shapes = self.source.shapes
+            config = te_mod.qwen3_config_from_shapes(shapes, self.source.prefix)
+            targets = {k: (v, 0, 1) for k, v in te_mod.te_key_map(shapes, self.source.prefix).items()}
+            model = te_mod.build_text_encoder(config, device="meta", dtype=self.compute)
+            if self.storage in FP8:
+                cast_linears(model)
+            _stream_into(model, self.source, targets, self.device, _float_dtype_for(self.storage), progress)
+            _check_complete(model, self.source)
+            self.module = model.eval().requires_grad_(False)
+        return self.module
