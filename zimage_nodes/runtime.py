@@ -6,6 +6,9 @@ output cache, so a second run of the same graph reads no file again.
 """
 from __future__ import annotations
 
+import math
+import os
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -13,6 +16,7 @@ from typing import Optional
 import torch
 
 from . import comfy_bridge as bridge
+from .core import compile as dit_compile
 from .core import loader, sampling, schedule
 from .core import text_encoder as te_mod
 from .core import vae as vae_mod
@@ -53,10 +57,39 @@ class ZImageConditioning:
 
 # ---------------------------------------------------------------- loading
 
+class _StageProgress:
+    """One ComfyUI progress bar over several stages, in tensors streamed; a ``ProgressFn`` per stage.
+
+    Updates are sent when the bar moves by at least 1 % (each also checks for interruption), so a
+    full-size load sends about a hundred messages, not one per tensor."""
+
+    def __init__(self, stages: list[int]) -> None:
+        self.total = max(1, sum(stages))
+        self._bar = bridge.Progress(self.total)
+        self._offsets = [sum(stages[:i]) for i in range(len(stages))]
+        self._step = max(1, self.total // 100)
+        self._sent = 0
+
+    def stage(self, index: int) -> loader.ProgressFn:
+        def update(done: int, total: int) -> None:
+            value = min(self.total, self._offsets[index] + done)
+            if value - self._sent >= self._step or done == total:
+                self._sent = value
+                self._bar.update(value)
+        return update
+
+    def finish(self) -> None:
+        if self._sent != self.total:
+            self._sent = self.total
+            self._bar.update(self.total)
+
+
 def load_model(dit_name: str, text_encoder_name: str, vae_name: str, diffusers_folder: str,
                dit_device: str, dit_dtype: str, te_device: str, te_dtype: str,
                vae_device: str, vae_dtype: str, embedding_cache_dir: str = "") -> tuple[ZImageModel, str]:
-    progress = bridge.Progress(4)
+    """Stage 1 reads and checks every header and the tokenizer; then the DiT and the VAE stream to their
+    devices (one progress bar, in tensors) and each is handed to ComfyUI's model management as it lands.
+    The text encoder is planned here and streamed on first use (``encode_text``)."""
     if diffusers_folder and diffusers_folder != bridge.NONE:
         plan = loader.plan_diffusers_folder(bridge.resolve_diffusers_folder(diffusers_folder, "diffusers_folder"),
                                             bridge.comfy_tokenizer_dir())
@@ -65,39 +98,88 @@ def load_model(dit_name: str, text_encoder_name: str, vae_name: str, diffusers_f
                                         bridge.resolve_file(bridge.TE_FOLDER, text_encoder_name, "text_encoder_name"),
                                         bridge.resolve_file(bridge.VAE_FOLDER, vae_name, "vae_name"),
                                         bridge.comfy_tokenizer_dir())
-    tokenizer = te_mod.load_tokenizer(plan.tokenizer_dir)
-    progress.update(1)
+    tokenizer = loader.load_tokenizer(plan)
     notes = list(plan.notes)
-
+    # every choice is checked before anything is allocated
     dev = bridge.resolve_device(dit_device, bridge.torch_device(), "dit_device")
-    dit_storage, dit_compute = loader.choose_dtypes(dit_dtype, dev, "DiT", "dit_dtype", notes)
-    bridge.free_memory(plan.dit.nbytes, dev)
-    dit = loader.load_dit(plan.dit, dev, dit_storage, dit_compute)
-    dit_patcher = bridge.make_patcher(dit, dev, dev)
-    progress.update(2)
-
     vdev = bridge.resolve_device(vae_device, bridge.vae_device(), "vae_device")
-    vae_storage, _ = loader.choose_dtypes(vae_dtype, vdev, "vae", "vae_dtype", notes)
-    vae = loader.load_vae(plan.vae, vdev, vae_storage)
-    vae_patcher = bridge.make_patcher(vae.model, vdev, vdev)
-    progress.update(3)
-
     tdev = bridge.resolve_device(te_device, bridge.text_encoder_device(), "te_device")
+    dit_storage, dit_compute = loader.choose_dtypes(dit_dtype, dev, "DiT", "dit_dtype", notes)
+    vae_storage, _ = loader.choose_dtypes(vae_dtype, vdev, "vae", "vae_dtype", notes)
     te_storage, te_compute = loader.choose_dtypes(te_dtype, tdev, "text encoder", "te_dtype", notes)
-    te = loader.LazyTextEncoder(plan.text_encoder, tdev, te_storage, te_compute)
-    cache = te_mod.EmbeddingCache(directory=Path(embedding_cache_dir) if embedding_cache_dir else None)
-    progress.update(4)
+    cache = te_mod.EmbeddingCache(directory=_cache_dir(embedding_cache_dir))
 
+    progress = _StageProgress([len(plan.dit.shapes), len(plan.vae.shapes)])
+    dit = dit_patcher = vae = vae_patcher = None
+    try:
+        _make_room(loader.resident_bytes(plan.dit, dit_storage, dit_compute), dev)
+        dit = loader.load_dit(plan.dit, dev, dit_storage, dit_compute, progress=progress.stage(0))
+        dit_patcher = bridge.make_patcher(dit, dev, dev)
+        bridge.register_loaded(dit_patcher)
+
+        _make_room(loader.resident_bytes(plan.vae, vae_storage, vae_storage), vdev)
+        vae = loader.load_vae(plan.vae, vdev, vae_storage, progress=progress.stage(1))
+        vae_patcher = bridge.make_patcher(vae.model, vdev, vdev)
+        bridge.register_loaded(vae_patcher)
+        progress.finish()
+    except BaseException as e:  # failed or cancelled (interrupt) mid-load: release what was streamed now
+        bridge.forget([dit_patcher, vae_patcher])
+        dit = dit_patcher = vae = vae_patcher = None
+        _drop_locals(e)
+        raise
+
+    te = loader.LazyTextEncoder(plan.text_encoder, tdev, te_storage, te_compute)
     model = ZImageModel(plan, dit, dit_patcher, (dit_storage, dit_compute), vae, vae_patcher, te, cache, notes,
                         tokenizer=tokenizer)
-    report = [f"DiT: {plan.dit.headers[0].path.name} ({plan.dit.layout}) on {dev}, "
+    report = [f"DiT: {_files(plan.dit)} ({plan.dit.layout}) on {dev}, "
               f"{_name(dit_storage)} storage / {_name(dit_compute)} compute",
-              f"VAE: {plan.vae.headers[0].path.name} on {vdev}, {_name(vae_storage)}",
-              f"Text encoder: {plan.text_encoder.headers[0].path.name} on {tdev}, loaded on first use "
-              f"(last layer and final norm skipped)"] + notes
-    text = "\n".join(report)
+              f"VAE: {_files(plan.vae)} on {vdev}, {_name(vae_storage)}",
+              f"Text encoder: {_files(plan.text_encoder)} on {tdev}, {_name(te_storage)} storage / {_name(te_compute)} compute, "
+              f"loaded on first use (last layer and final norm skipped)",
+              "Tokenizer: " + ("the folder's tokenizer/" if plan.own_tokenizer else "ComfyUI's Qwen tokenizer files")]
+    if cache.directory is not None:
+        report.append(f"Embedding cache on disk: {cache.directory}")
+    text = "\n".join(report + notes)
     bridge.info(text.replace("\n", "; "))
     return model, text
+
+
+def _files(source: loader.Source) -> str:
+    if source.layout == "single":
+        return source.headers[0].path.name
+    return f"{source.headers[0].path.parent.name}/ ({len(source.headers)} file{'s' * (len(source.headers) > 1)})"
+
+
+def _cache_dir(text: str) -> Optional[Path]:
+    """The embedding cache's folder (created now, so that a path that cannot be written fails here)."""
+    if not text.strip():
+        return None
+    folder = Path(text.strip()).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".zimage_write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise InputError(f"`embedding_cache_dir`: cannot write to {folder}.", found=f"{e.strerror or e}",
+                         expected="a folder this user can create and write, or empty for a memory-only cache",
+                         fix="choose another folder (e.g. inside ComfyUI's user or temp folder) or leave it empty") from e
+    return folder
+
+
+def _drop_locals(error: BaseException) -> None:
+    """Clear the local variables of the finished frames in ``error``'s traceback (a half-built model in
+    the loader's frames). ComfyUI keeps the exception, and through it the frames, in a reference cycle
+    until the garbage collector runs; without this a cancelled 12 GB load would hold its memory until
+    then, and a retry could run out of it. Formatting the traceback needs no locals."""
+    traceback.clear_frames(error.__traceback__)
+
+
+def _make_room(nbytes: int, device: torch.device) -> None:
+    """Ask ComfyUI to free this much on a GPU before we stream a component there (it offloads other
+    models; ComfyUI does not manage host memory, so nothing is asked for the CPU)."""
+    if device.type != "cpu":
+        bridge.free_memory(nbytes, device)
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -107,22 +189,34 @@ def _name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------- text encoding
 
 def encode_text(model: ZImageModel, text: str) -> tuple[ZImageConditioning, str]:
+    """Prompt embedding from the cache, else from the text encoder, streamed to its device on first use
+    (a progress bar in tensors) and handed to ComfyUI's model management."""
     ids, truncated = te_mod.tokenize(model.tokenizer, text)
     identity = model.te.identity
     embeds = model.cache.get(text, identity)
     note = "embedding cache hit"
     if embeds is None:
-        first = model.te.module is None
-        module = model.te.get()
-        if first:
+        if model.te.module is None:
+            progress = _StageProgress([model.te.n_tensors])
+            _make_room(model.te.nbytes, model.te.device)
+            try:
+                module = model.te.get(progress=progress.stage(0))
+            except BaseException as e:  # failed or cancelled mid-load: release the half-built encoder now
+                _drop_locals(e)
+                raise
+            progress.finish()
             model.te_patcher = bridge.make_patcher(module, model.te.device, model.te.device)
-        bridge.load_on_device([model.te_patcher])
+            bridge.register_loaded(model.te_patcher)
+            note = "text encoder loaded, encoded"
+        else:
+            module = model.te.module
+            bridge.load_on_device([model.te_patcher])
+            note = "encoded"
         bridge.check_interrupt()
         with torch.inference_mode():
             out = module(torch.tensor([ids], device=model.te.device))
         embeds = out.to(bridge.intermediate_device(), torch.float32)
         model.cache.put(text, identity, embeds)
-        note = "encoded"
     msg = f"{len(ids)} tokens, {note}"
     if truncated:
         msg += f"; the prompt was longer than {te_mod.MAX_TOKENS} tokens and was truncated"
@@ -131,6 +225,9 @@ def encode_text(model: ZImageModel, text: str) -> tuple[ZImageConditioning, str]
 
 
 # ---------------------------------------------------------------- sampling
+
+COMPILE_CHOICES = ("off", "blocks")
+
 
 def snap_size(width: int, height: int, notes: list[str]) -> tuple[int, int]:
     for name, v in (("width", width), ("height", height)):
@@ -152,85 +249,164 @@ def _check_conditioning(model: ZImageModel, cond: ZImageConditioning, name: str)
                          fix="encode the prompt with the Z-Image Text Encode node fed by the same loader")
 
 
+def _check_numbers(batch_size: int, max_batch: int, cfg: float) -> None:
+    if batch_size < 1:
+        raise InputError(f"`batch_size` = {batch_size}.", expected="batch_size >= 1", fix="set batch_size to 1")
+    if max_batch < 0:
+        raise InputError(f"`max_batch` = {max_batch}.", expected="0 (the whole batch at once) or more",
+                         fix="set max_batch to 0")
+    if not math.isfinite(cfg) or cfg <= 0:
+        raise InputError(f"`cfg` = {cfg}.", expected="a positive number (1 = no guidance, as Turbo is meant to run)",
+                         fix="set cfg to 1")
+
+
+def _start_latent(model: ZImageModel, latent: Optional[dict], image: Optional[torch.Tensor],
+                  batch_size: int, notes: list[str]) -> Optional[torch.Tensor]:
+    """The raw latent to refine (float32, on the intermediate device), or None for text-to-image."""
+    if latent is None and image is None:
+        return None
+    if latent is not None:
+        if image is not None:
+            notes.append("both latent and image were connected; the latent is used")
+        if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+            raise InputError("`latent` is not a LATENT.", expected='a LATENT ({"samples": tensor})',
+                             fix="connect a LATENT output (e.g. VAE Encode or another sampler)")
+        raw, name = latent["samples"], "latent"
+        ignored = sorted(k for k in ("noise_mask", "batch_index") if k in latent)
+        if ignored:
+            notes.append(f"the latent's {' and '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored "
+                         "(this sampler refines the whole latent)")
+    else:
+        raw, name = encode_image(model, image, notes), "image"
+    if raw.ndim != 4 or raw.shape[1] != vae_mod.LATENT_CHANNELS:
+        raise InputError(f"`latent` has shape {tuple(raw.shape)}.",
+                         expected="[B, 16, H/8, W/8] (a Flux/Z-Image latent)",
+                         fix="encode the image with this loader's VAE (connect the IMAGE input instead)")
+    for side, v in (("height", raw.shape[2] * 8), ("width", raw.shape[3] * 8)):
+        if v < 16 or v > MAX_SIDE:
+            raise InputError(f"`{name}` is {v} px in {side}, outside 16..{MAX_SIDE}.",
+                             expected=f"an input of at most {MAX_SIDE}x{MAX_SIDE} px",
+                             fix="refine larger images with the Z-Image Tiled Upscale node")
+    if batch_size > 1 and batch_size != raw.shape[0]:
+        notes.append(f"batch_size {batch_size} is ignored: the {name} input holds {raw.shape[0]} image(s)")
+    return raw.detach().to(bridge.intermediate_device(), torch.float32)
+
+
+def _use_compile(model: ZImageModel, compile_mode: str, notes: list[str]) -> None:
+    if compile_mode not in COMPILE_CHOICES:
+        raise InputError(f"`compile` = {compile_mode!r}.", expected=" or ".join(COMPILE_CHOICES), fix="choose off")
+    if compile_mode == "off":
+        dit_compile.disable(model.dit)
+        return
+    dit_compile.enable(model.dit)
+    notes.append(f"DiT blocks run through torch.compile (captions padded to multiples of "
+                 f"{model.dit.cap_bucket} tokens, masked); the first run of a new size compiles")
+
+
 def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height: int, seed: int, steps: int,
            schedule_name: str, shift: float, cfg: float, batch_size: int, max_batch: int, denoise: float,
            negative: Optional[ZImageConditioning] = None, latent: Optional[dict] = None,
-           image: Optional[torch.Tensor] = None) -> tuple[dict, torch.Tensor, str]:
+           image: Optional[torch.Tensor] = None, *, compile_mode: str = "off") -> tuple[dict, torch.Tensor, str]:
+    """Sample and decode. Returns (core LATENT in raw VAE space, IMAGE, report).
+
+    Text-to-image draws ``batch_size`` noises of ``width`` x ``height`` (snapped to multiples of 16)
+    exactly as core KSampler does for ``seed``; with a ``latent`` (or ``image``, encoded by the
+    loader's VAE) it refines that instead, keeping the tail of the schedule as core KSampler's
+    ``denoise`` does (0 returns the input unchanged). ``compile_mode`` "blocks" runs the DiT blocks
+    through torch.compile (core/compile.py), falling back to eager if compilation fails."""
     notes: list[str] = []
     _check_conditioning(model, positive, "positive")
     if negative is not None:
         _check_conditioning(model, negative, "negative")
-    if batch_size < 1:
-        raise InputError(f"`batch_size` = {batch_size}.", expected=">= 1", fix="set batch_size to 1")
+    _check_numbers(batch_size, max_batch, cfg)
     sigmas = schedule.make_sigmas(schedule_name, steps, shift, denoise)
-
-    x_init = None
-    if image is not None or latent is not None:
-        if image is not None and latent is not None:
-            notes.append("both latent and image were connected; the latent is used")
-        if latent is not None:
-            raw = latent["samples"]
-        else:
-            raw = encode_image(model, image)
-        if raw.ndim != 4 or raw.shape[1] != 16:
-            raise InputError(f"`latent` has shape {tuple(raw.shape)}.", expected="[B, 16, H/8, W/8] (a Flux/Z-Image latent)",
-                             fix="encode the image with this loader's VAE (connect the IMAGE input instead)")
-        batch_size = raw.shape[0]
-        x_init = vae_mod.raw_to_model(raw.float())
-        lh, lw = raw.shape[2], raw.shape[3]
-    else:
+    raw_in = _start_latent(model, latent, image, batch_size, notes)
+    if raw_in is None:
+        if denoise == 0.0:
+            raise InputError("`denoise` = 0 leaves nothing to do without a `latent` or `image` input.",
+                             expected="denoise > 0 for text-to-image (1 = full denoise)",
+                             fix="set denoise to 1, or connect the latent/image to refine")
         w, h = snap_size(width, height, notes)
-        lh, lw = h // 8, w // 8
-    if denoise < 1.0 and x_init is None:
-        notes.append("denoise < 1 without a latent or image input starts from noise (as core KSampler does)")
+        shape = (batch_size, vae_mod.LATENT_CHANNELS, h // 8, w // 8)
+        if denoise < 1.0:
+            notes.append("denoise < 1 without a latent or image input starts from noise (as core KSampler does)")
+    else:
+        shape = tuple(raw_in.shape)
+    for name, cond in (("positive", positive), ("negative", negative)):
+        if cond is not None and cond.truncated and (name == "positive" or cfg != 1.0):
+            notes.append(f"the {name} prompt was truncated to {te_mod.MAX_TOKENS} tokens")
+    n = len(sigmas) - 1
+    if n == 0:  # denoise 0: nothing to do, the input goes out as it came in
+        notes.insert(0, "denoise 0: no DiT forward; the input latent is returned unchanged")
+        return {"samples": raw_in.clone()}, decode(model, raw_in), "\n".join(notes)
+    _use_compile(model, compile_mode, notes)
 
     dev = model.dit_patcher.load_device
     bridge.load_on_device([model.dit_patcher])
-    noise = bridge.prepare_noise((batch_size, 16, lh, lw), seed).to(dev)
-    if x_init is not None:
-        x_init = x_init.to(dev)
     compute = model.dit_dtypes[1]
+    noise = bridge.prepare_noise(shape, seed).to(dev)
+    x_init = vae_mod.raw_to_model(raw_in).to(dev) if raw_in is not None else None
     cond = positive.embeds.to(dev, compute)
     uncond = negative.embeds.to(dev, compute) if negative is not None and cfg != 1.0 else None
     if negative is not None and cfg == 1.0:
         notes.append("cfg is 1, so the negative prompt is not used (Turbo needs no CFG)")
+    elif negative is None and cfg != 1.0:
+        notes.append(f"cfg is {cfg:g} but no negative is connected: guidance is off")
+    elif uncond is not None:
+        how = "batched with the positive" if cond.shape[1] == uncond.shape[1] else "as a second DiT call per step"
+        notes.append(f"cfg {cfg:g}: the negative prompt runs {how}")
 
-    def model_fn(x, s, cap):
-        return model.dit(x, s, cap)
+    def run() -> torch.Tensor:
+        # previews follow ComfyUI's preview method (off by default in 0.3.75), one per step when on;
+        # a preview is the only thing in the loop that reads the device (one small copy per step)
+        previewer = bridge.live_previewer(dev)
+        progress = bridge.Progress(n)
 
-    n = len(sigmas) - 1
-    progress = bridge.Progress(max(n, 1))
+        def on_step(step: sampling.Step) -> None:
+            progress.update(step.index + 1, previewer(step.x0) if previewer is not None else None)
+            bridge.check_interrupt()
 
-    def on_step(step: sampling.Step) -> None:
-        preview = bridge.latent_preview(vae_mod.model_to_raw(step.x0)) if step.index % 2 == 0 else None
-        progress.update(step.index + 1, preview)
-        bridge.check_interrupt()
+        return sampling.sample(lambda x, s, cap: model.dit(x, s, cap), noise, sigmas, cond, uncond=uncond, cfg=cfg,
+                               x_init=x_init, max_batch=max_batch, callback=on_step)
 
     with torch.inference_mode():
-        if n == 0:
-            x0 = x_init if x_init is not None else noise
-        else:
-            x0 = sampling.sample(model_fn, noise, sigmas, cond, uncond=uncond, cfg=cfg, x_init=x_init,
-                                 max_batch=max_batch, callback=on_step)
-        sampling.check_finite(x0, f"DiT compute dtype {_name(compute)}, storage {_name(model.dit_dtypes[0])}")
+        try:
+            x0 = run()
+        except Exception as exc:  # only a failing torch.compile is retried (eagerly); everything else propagates
+            if not (dit_compile.is_enabled(model.dit) and dit_compile.is_compile_error(exc)):
+                raise
+            dit_compile.disable(model.dit)
+            msg = f"torch.compile failed ({str(exc).strip().splitlines()[0][:200]}); ran without it"
+            bridge.warn(msg)
+            notes.append(msg)
+            x0 = run()
+        sampling.check_finite(x0, f"the DiT computing in {_name(compute)} (weights stored as "
+                                  f"{_name(model.dit_dtypes[0])}) on {dev}; the sampler stops here rather "
+                                  "than decode them into a black image")
         raw = vae_mod.model_to_raw(x0)
-        images = decode(model, raw)
-    out_latent = {"samples": raw.to(bridge.intermediate_device(), torch.float32)}
+    images = decode(model, raw)
     notes.insert(0, f"{n} DiT forwards, sigmas {[round(float(s), 4) for s in sigmas]}")
-    return out_latent, images, "\n".join(notes)
+    return {"samples": raw.to(bridge.intermediate_device(), torch.float32)}, images, "\n".join(notes)
 
 
 def decode(model: ZImageModel, raw: torch.Tensor) -> torch.Tensor:
+    """Raw latent -> IMAGE [B, H, W, 3] float32 on the intermediate device, with the loader's VAE."""
     bridge.load_on_device([model.vae_patcher])
     with torch.inference_mode():
         return model.vae.decode(raw).to(bridge.intermediate_device(), torch.float32)
 
 
-def encode_image(model: ZImageModel, image: torch.Tensor) -> torch.Tensor:
+def encode_image(model: ZImageModel, image: torch.Tensor, notes: Optional[list[str]] = None) -> torch.Tensor:
+    """IMAGE [B, H, W, C] -> raw latent [B, 16, H/8, W/8] float32 with the loader's VAE (the posterior
+    mean), centre-cropped to multiples of 8 like core VAE Encode."""
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3 \
+            or image.shape[1] < 8 or image.shape[2] < 8:
+        found = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise InputError(f"`image` has shape {found}.", expected="IMAGE [B, H, W, 3], at least 8x8",
+                         fix="connect a Load Image or VAE Decode output")
+    h, w = image.shape[1] // 8 * 8, image.shape[2] // 8 * 8
+    if notes is not None and (h, w) != tuple(image.shape[1:3]):
+        notes.append(f"image cropped from {image.shape[2]}x{image.shape[1]} to {w}x{h} (centred, multiples of 8)")
     bridge.load_on_device([model.vae_patcher])
-    if image.ndim != 4 or image.shape[-1] < 3 or image.shape[1] < 8 or image.shape[2] < 8:
-        raise InputError(f"`image` has shape {tuple(image.shape)}.", expected="IMAGE [B, H, W, 3], at least 8x8",
-                         fix="connect a LoadImage or VAE Decode output")
-    h, w = image.shape[1] // 16 * 16, image.shape[2] // 16 * 16
     with torch.inference_mode():
-        return model.vae.encode(image[:, :h, :w, :3]).float()
+        return model.vae.encode(image).float()

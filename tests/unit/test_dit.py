@@ -210,4 +210,5 @@ def test_meta_build_then_assign_load_has_no_meta_tensors():
     out = model(x, s, cap)
     assert calls == [(0, True), (1, True)] and torch.equal(out, ours(TINY, sd)(x, s, cap))
     model.cap_bucket = 64
-    assert torch.isfinite(model(x, s, cap)).all() and (64, 3, 3, x.device) in model._rope_cache
+    # bucket padding is masked and keeps the 32-padded RoPE positions: same result (core/compile.py)
+    assert torch.allclose(model(x, s, cap), out, atol=1e-5) and (64, 3, 3, x.device, 32) in model._rope_cache

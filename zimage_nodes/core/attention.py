@@ -56,11 +56,14 @@ def resolve_backend(requested: str) -> tuple[str, str | None]:
     return requested, None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
-    """Non-causal unmasked attention; q, k, v and the result are [B, heads, L, head_dim].
+def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa", mask: Tensor | None = None) -> Tensor:
+    """Non-causal attention; q, k, v and the result are [B, heads, L, head_dim].
 
-    A backend that is missing, or that cannot take these tensors (flash/sage/xformers need CUDA,
-    flash/sage need fp16/bf16), runs as SDPA."""
+    ``mask`` (bool, broadcastable to [B, heads, L, L], True = attend) always runs as SDPA. A backend
+    that is missing, or that cannot take these tensors (flash/sage/xformers need CUDA, flash/sage
+    need fp16/bf16), runs as SDPA."""
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     fn = _kernel(backend) if backend != "sdpa" and q.is_cuda else None
     if fn is None or (backend != "xformers" and q.dtype not in _HALF):
         return _sdpa(q, k, v)

@@ -155,11 +155,11 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.qk_norm_eps, **f)
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.qk_norm_eps, **f)
 
-    def forward(self, x: Tensor, freqs: Tensor) -> Tensor:
+    def forward(self, x: Tensor, freqs: Tensor, mask: Tensor | None = None) -> Tensor:
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, -1).unbind(2)
         q, k = apply_rope(self.q_norm(q), freqs), apply_rope(self.k_norm(k), freqs)
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.backend)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.backend, mask)
         return self.out(o.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -190,12 +190,13 @@ class Block(nn.Module):
         if modulation:
             self.adaLN_modulation = nn.Sequential(Linear(cfg.adaln_dim, 4 * cfg.dim, **f))
 
-    def forward(self, x: Tensor, freqs: Tensor, adaln: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, freqs: Tensor, adaln: Tensor | None, mask: Tensor | None = None) -> Tensor:
         if adaln is None:
-            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), freqs))
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), freqs, mask))
             return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
         scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln)[:, None].chunk(4, dim=-1)
-        x = x + gate_msa.tanh() * self.attention_norm2(self.attention(self.attention_norm1(x) * (1 + scale_msa), freqs))
+        x = x + gate_msa.tanh() * self.attention_norm2(
+            self.attention(self.attention_norm1(x) * (1 + scale_msa), freqs, mask))
         return x + gate_mlp.tanh() * self.ffn_norm2(self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp)))
 
 
@@ -204,9 +205,11 @@ class ZImageDiT(nn.Module):
 
     Inputs are cast to the compute dtype, that of x_pad_token (matmul weights must be in it too, or be
     cast to it per block, e.g. from block_hook); sigma is used in float32; the result has x's dtype.
-    ``cap_bucket`` (None: pad the caption to a multiple of 32 like ComfyUI) pads it to a multiple of
-    cap_bucket instead, so that torch.compile sees fewer shapes; pad tokens are attended, so this
-    changes the output slightly. ``block_hook(i, block)``, if set, runs before main block i."""
+    ``cap_bucket`` (None: pad the caption to a multiple of 32 like ComfyUI) pads it further, to a multiple
+    of cap_bucket (itself a multiple of 32), so that torch.compile sees fewer shapes (core/compile.py).
+    The extra pad tokens are masked out of attention and the RoPE positions stay those of the
+    32-padded caption, so the result equals the unbucketed one up to float rounding (attention then
+    runs as masked SDPA). ``block_hook(i, block)``, if set, runs before main block i."""
 
     def __init__(self, cfg: DiTConfig, device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None) -> None:
@@ -240,16 +243,17 @@ class ZImageDiT(nn.Module):
                 m.backend = backend
         return reason
 
-    def _rope(self, cap_len: int, h: int, w: int, device: torch.device) -> Tensor:
-        """Rotations for [caption (pos i+1, 0, 0), image (cap_len+1, row, col), image pad (0, 0, 0)],
-        cached per shape."""
-        key = (cap_len, h, w, device)
+    def _rope(self, cap_len: int, h: int, w: int, device: torch.device, cap_valid: int | None = None) -> Tensor:
+        """Rotations for [caption (pos i+1, 0, 0), image (cap_valid+1, row, col), image pad (0, 0, 0)],
+        cached per shape. ``cap_valid`` (default cap_len): the caption length without bucket padding."""
+        cap_valid = cap_len if cap_valid is None else cap_valid
+        key = (cap_len, h, w, device) if cap_valid == cap_len else (cap_len, h, w, device, cap_valid)
         if key not in self._rope_cache:
             n_img = h * w
             pos = torch.zeros(cap_len + n_img + (-n_img) % self.cfg.pad_multiple, 3)
             pos[:cap_len, 0] = torch.arange(1, cap_len + 1)
             img = pos[cap_len:cap_len + n_img]
-            img[:, 0] = cap_len + 1
+            img[:, 0] = cap_valid + 1
             img[:, 1] = torch.arange(h).repeat_interleave(w)
             img[:, 2] = torch.arange(w).repeat(h)
             if len(self._rope_cache) >= 8:
@@ -269,22 +273,27 @@ class ZImageDiT(nn.Module):
         adaln = self.t_embedder.mlp(t)
 
         cap = self.cap_embedder(cap_feats.to(dtype))
-        cap_pad = (-cap.shape[1]) % (self.cap_bucket or cfg.pad_multiple)
-        cap = torch.cat([cap, self.cap_pad_token.to(dtype).expand(B, cap_pad, -1)], dim=1)
+        n_valid = cap.shape[1] + (-cap.shape[1]) % cfg.pad_multiple  # ComfyUI's padded caption
+        n_cap = n_valid + (-n_valid) % (self.cap_bucket or cfg.pad_multiple)
+        cap = torch.cat([cap, self.cap_pad_token.to(dtype).expand(B, n_cap - cap.shape[1], -1)], dim=1)
         img = self.x_embedder(x.view(B, C, h, p, w, p).permute(0, 2, 4, 3, 5, 1).reshape(B, h * w, -1))
         img = torch.cat([img, self.x_pad_token.to(dtype).expand(B, (-h * w) % cfg.pad_multiple, -1)], dim=1)
 
-        n_cap = cap.shape[1]
-        freqs = self._rope(n_cap, h, w, x.device)
+        freqs = self._rope(n_cap, h, w, x.device, n_valid)
+        cap_mask = z_mask = None
+        if self.cap_bucket:  # hide the bucket padding (always a mask, so compiled graphs see one signature)
+            keep = torch.arange(n_cap + img.shape[1], device=x.device)
+            keep = (keep < n_valid) | (keep >= n_cap)
+            cap_mask, z_mask = keep[:n_cap].view(1, 1, 1, -1), keep.view(1, 1, 1, -1)
         for block in self.context_refiner:
-            cap = block(cap, freqs[:n_cap], None)
+            cap = block(cap, freqs[:n_cap], None, cap_mask)
         for block in self.noise_refiner:
             img = block(img, freqs[n_cap:], adaln)
         z = torch.cat([cap, img], dim=1)
         for i, block in enumerate(self.layers):
             if self.block_hook is not None:
                 self.block_hook(i, block)
-            z = block(z, freqs, adaln)
+            z = block(z, freqs, adaln, z_mask)
 
         scale = 1 + self.final_layer.adaLN_modulation(adaln)[:, None]
         z = self.final_layer.linear(F.layer_norm(z, (cfg.dim,), eps=1e-6) * scale)[:, n_cap:n_cap + h * w]

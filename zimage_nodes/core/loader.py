@@ -9,9 +9,10 @@ Handing the modules to ComfyUI's model management (stage 4) is the runtime's job
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -21,7 +22,7 @@ from . import vae as vae_mod
 from .errors import CheckpointError, InputError
 from .identify import Kind, expect, identify
 from .ops import cast_linears
-from .st_io import Header, TensorInfo, read_header, set_module_tensor, stream_tensors
+from .st_io import Header, TensorInfo, read_header, set_module_tensor, stream_tensors, torch_dtype
 
 # Storage dtype choices offered per component ("auto" decides by device).
 DTYPES: dict[str, Optional[torch.dtype]] = {
@@ -72,6 +73,7 @@ class LoadPlan:
     vae: Source
     tokenizer_dir: Path
     notes: list[str] = field(default_factory=list)
+    own_tokenizer: bool = False  # the tokenizer files came with the diffusers folder (else ComfyUI's)
 
     def __post_init__(self) -> None:
         """The text encoder's width must be what the DiT's caption embedder takes."""
@@ -79,12 +81,21 @@ class LoadPlan:
                     if k.endswith(("cap_embedder.1.weight", "cap_embedder.0.weight")) and len(s) == 2), None)
         hidden = next((s[1] for k, s in self.text_encoder.shapes.items() if k.endswith("embed_tokens.weight")), None)
         if cap is not None and hidden is not None and cap != hidden:
-            te = self.text_encoder.headers[0].path.name
+            te = _label(self.text_encoder)
+            if self.text_encoder.layout == "diffusers":
+                fix = ("this diffusers folder mixes parts of different models: re-download its text_encoder/ "
+                       "(Qwen3-4B for Z-Image-Turbo)")
+            else:
+                fix = "pick qwen_3_4b.safetensors (Qwen3-4B) in `text_encoder_name`"
             raise CheckpointError(
-                f"The text encoder {te} does not fit the DiT {self.dit.headers[0].path.name}.",
+                f"The text encoder {te} does not fit the DiT {_label(self.dit)}.",
                 found=f"text encoder width {hidden}, DiT caption width {cap}",
-                expected="Qwen3-4B (width 2560) for Z-Image-Turbo",
-                fix="pick qwen_3_4b.safetensors in `text_encoder_name`")
+                expected=f"a text encoder of width {cap} (Z-Image-Turbo: Qwen3-4B, width 2560)", fix=fix)
+
+
+def _label(source: Source) -> str:
+    """A file name, or the folder of a diffusers sub-folder's shards."""
+    return source.headers[0].path.name if source.layout == "single" else str(source.headers[0].path.parent)
 
 
 # ---------------------------------------------------------------- stage 1: identify
@@ -95,8 +106,32 @@ def _single(path: Path, kind: Kind, slot: str) -> Source:
     return Source(kind, [header], ident.prefix, "single")
 
 
+def _shard_files(folder: Path) -> list[Path]:
+    """The weight files of a diffusers/transformers sub-folder: those its ``*.safetensors.index.json`` names
+    (other files, e.g. fp16 variants, are ignored), else every ``*.safetensors`` file."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if not indexes:
+        return sorted(folder.glob("*.safetensors"))
+    index = indexes[0]
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is not a valid shard index.", found=f"{type(e).__name__}: {e}",
+                              expected='a JSON object with a "weight_map" of tensor name -> shard file',
+                              fix=f"download {index.name} again (or the whole {folder.name}/ folder)") from e
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{folder} is incomplete: {len(missing)} of the {len(names)} shards its index lists are missing.",
+            found=f"no {', '.join(missing)} (listed in {index.name})",
+            expected=", ".join(names),
+            fix=f"download the missing shard(s) into {folder} (an interrupted download leaves this state)")
+    return [folder / n for n in names]
+
+
 def _shards(folder: Path, kind: Kind, slot: str) -> Source:
-    files = sorted(folder.glob("*.safetensors"))
+    files = _shard_files(folder)
     if not files:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         raise CheckpointError(
@@ -105,6 +140,17 @@ def _shards(folder: Path, kind: Kind, slot: str) -> Source:
             expected="diffusion_pytorch_model*.safetensors / model*.safetensors",
             fix="download the safetensors version of the folder (pickle .bin files are never loaded)")
     headers = [read_header(p) for p in files]
+    owner: dict[str, Path] = {}
+    for h in headers:
+        for k in h.tensors:
+            if k in owner:
+                raise CheckpointError(
+                    f"{folder} holds the same weights twice.",
+                    found=f"tensor '{k}' in both {owner[k].name} and {h.path.name}",
+                    expected="each tensor in one shard (as a *.safetensors.index.json lists them)",
+                    fix="keep only one set of shards in the folder (e.g. remove the *.fp16.safetensors variant), "
+                        "or add the folder's index.json")
+            owner[k] = h.path
     merged = Header(path=folder, tensors={k: v for h in headers for k, v in h.tensors.items()},
                     metadata={}, file_size=sum(h.file_size for h in headers))
     ident = expect(merged, kind, slot)
@@ -141,7 +187,22 @@ def plan_diffusers_folder(folder: Path, fallback_tokenizer: Path) -> LoadPlan:
     return LoadPlan(dit=_shards(folder / "transformer", Kind.ZIMAGE_DIT, "diffusers_folder/transformer"),
                     text_encoder=_shards(folder / "text_encoder", Kind.QWEN3_TE, "diffusers_folder/text_encoder"),
                     vae=_shards(folder / "vae", Kind.FLUX_VAE, "diffusers_folder/vae"),
-                    tokenizer_dir=tok, notes=notes)
+                    tokenizer_dir=tok, notes=notes, own_tokenizer=tok != fallback_tokenizer)
+
+
+def load_tokenizer(plan: LoadPlan):
+    """The plan's Qwen tokenizer; a CheckpointError whose fix fits where the files come from."""
+    try:
+        return te_mod.load_tokenizer(plan.tokenizer_dir)
+    except CheckpointError as e:
+        if plan.own_tokenizer:
+            fix = (f"download the tokenizer/ folder of Tongyi-MAI/Z-Image-Turbo again (tokenizer.json, "
+                   f"tokenizer_config.json, vocab.json, merges.txt), or delete the incomplete {plan.tokenizer_dir} "
+                   "so that ComfyUI's own Qwen tokenizer files are used")
+        else:
+            fix = (f"ComfyUI's own Qwen tokenizer files are incomplete ({plan.tokenizer_dir}): update or "
+                   "reinstall ComfyUI")
+        raise CheckpointError(e.what, found=e.found, expected=e.expected, fix=fix) from e
 
 
 # ---------------------------------------------------------------- dtype rules
@@ -223,10 +284,37 @@ def original_shapes(shapes: dict[str, tuple[int, ...]], targets: dict[str, Targe
     return out
 
 
+def _check_targets(module: torch.nn.Module, source: Source, targets: dict[str, Target]) -> None:
+    """Every mapped file tensor has a place of the right shape in the module (checked before reading)."""
+    have = {n: tuple(t.shape) for n, t in list(module.named_parameters(remove_duplicate=False))
+            + list(module.named_buffers(remove_duplicate=False))}
+    shapes = source.shapes
+    unknown = sorted(k for k, (name, _i, _n) in targets.items() if name not in have)
+    wrong = []
+    for key, (name, _i, n) in targets.items():
+        if name in have:
+            shape = shapes[key]
+            full = (shape[0] * n, *shape[1:]) if n > 1 else tuple(shape)
+            if full != have[name]:
+                wrong.append(f"'{key}' {tuple(shape)} where {have[name]} is needed")
+    if unknown or wrong:
+        raise CheckpointError(
+            f"{_label(source)} has tensors that do not fit the model its other tensors describe.",
+            found="; ".join(filter(None, [f"{len(unknown)} unknown tensor(s), e.g. {', '.join(unknown[:3])}"
+                                          if unknown else "",
+                                          f"{len(wrong)} of another shape, e.g. {', '.join(wrong[:3])}"
+                                          if wrong else ""])) + f" ({source.headers[0].path})",
+            expected=f"an unmodified {'Z-Image DiT' if source.kind == Kind.ZIMAGE_DIT else 'Qwen3 text encoder'} "
+                     "checkpoint",
+            fix="download the original file again; merged or modified checkpoints of another structure are "
+                "not supported")
+
+
 def _stream_into(module: torch.nn.Module, source: Source, targets: dict[str, Target], device: torch.device,
                  dtype_for: Callable[[str, TensorInfo], Optional[torch.dtype]],
                  progress: Optional[ProgressFn]) -> None:
     """Copy every mapped tensor from the files into the meta-built module, one tensor at a time."""
+    _check_targets(module, source, targets)
     by_file: dict[Path, list[str]] = {}
     owner = source.file_of()
     for key in targets:
@@ -265,14 +353,31 @@ def _check_complete(module: torch.nn.Module, source: Source) -> None:
                               expected="a complete Z-Image checkpoint", fix="re-download the file")
 
 
-def _float_dtype_for(storage: torch.dtype) -> Callable[[str, TensorInfo], Optional[torch.dtype]]:
-    """Matmul weights go to the storage dtype (fp8 allowed); everything else stays high precision."""
+def _float_dtype_for(storage: torch.dtype, compute: torch.dtype
+                     ) -> Callable[[str, TensorInfo], Optional[torch.dtype]]:
+    """Matmul weights go to the storage dtype (fp8 allowed); with fp8 storage everything else (norms,
+    biases, pad tokens, the token embedding table, which is indexed rather than multiplied) goes to the
+    compute dtype."""
     def pick(name: str, info: TensorInfo) -> Optional[torch.dtype]:
         if storage in FP8:
-            big_matrix = len(info.shape) == 2 and name.endswith("weight") and min(info.shape) > 1
-            return storage if big_matrix and "pad_token" not in name else torch.bfloat16
+            matmul = (len(info.shape) == 2 and name.endswith("weight") and min(info.shape) > 1
+                      and "pad_token" not in name and "embed_tokens" not in name)
+            return storage if matmul else compute
         return storage
     return pick
+
+
+def resident_bytes(source: Source, storage: torch.dtype, compute: torch.dtype,
+                   keys: Optional[Iterable[str]] = None) -> int:
+    """Bytes the component will take on its device once loaded (the storage dtype, not the file's)."""
+    pick = _float_dtype_for(storage, compute)
+    infos = {k: i for h in source.headers for k, i in h.tensors.items()}
+    total = 0
+    for key in (infos if keys is None else keys):
+        info = infos[key]
+        dtype = pick(key, info) or torch_dtype(info)
+        total += math.prod(info.shape) * dtype.itemsize
+    return total
 
 
 def load_dit(source: Source, device: torch.device, storage: torch.dtype, compute: torch.dtype,
@@ -282,7 +387,7 @@ def load_dit(source: Source, device: torch.device, storage: torch.dtype, compute
     cfg = dit_mod.dit_config_from_shapes(original_shapes(shapes, targets))
     with torch.device("meta"):
         model = dit_mod.ZImageDiT(cfg, dtype=compute)
-    _stream_into(model, source, targets, device, _float_dtype_for(storage), progress)
+    _stream_into(model, source, targets, device, _float_dtype_for(storage, compute), progress)
     if model.norm_final.weight.is_meta:  # unused by the forward; diffusers folders lack it
         set_module_tensor(model, "norm_final.weight", torch.ones(cfg.dim, device=device, dtype=compute))
     _check_complete(model, source)
@@ -305,17 +410,35 @@ class LazyTextEncoder:
 
     @property
     def identity(self) -> str:
-        return self.source.identity
+        """Keys the embedding cache: the files and the dtypes the embeddings are computed in."""
+        return f"{self.source.identity};{_dtype_name(self.storage)}/{_dtype_name(self.compute)}"
+
+    def _targets(self) -> dict[str, Target]:
+        return {k: (v, 0, 1) for k, v in te_mod.te_key_map(self.source.shapes, self.source.prefix).items()}
+
+    @property
+    def n_tensors(self) -> int:
+        """Tensors streamed by ``get`` (the last layer and the final norm are skipped)."""
+        return len(self._targets())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the built encoder takes on its device."""
+        return resident_bytes(self.source, self.storage, self.compute, self._targets())
 
     def get(self, progress: Optional[ProgressFn] = None) -> te_mod.ZImageTextEncoder:
         if self.module is None:
-            shapes = self.source.shapes
-            config = te_mod.qwen3_config_from_shapes(shapes, self.source.prefix)
-            targets = {k: (v, 0, 1) for k, v in te_mod.te_key_map(shapes, self.source.prefix).items()}
+            config = te_mod.qwen3_config_from_shapes(self.source.shapes, self.source.prefix)
+            targets = self._targets()
             model = te_mod.build_text_encoder(config, device="meta", dtype=self.compute)
             if self.storage in FP8:
                 cast_linears(model)
-            _stream_into(model, self.source, targets, self.device, _float_dtype_for(self.storage), progress)
+            _stream_into(model, self.source, targets, self.device, _float_dtype_for(self.storage, self.compute),
+                         progress)
             _check_complete(model, self.source)
             self.module = model.eval().requires_grad_(False)
         return self.module
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

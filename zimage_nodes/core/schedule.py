@@ -51,14 +51,22 @@ def make_sigmas(schedule: Schedule | str, steps: int, shift: float = 3.0, denois
     ``comfy_simple`` it counts forwards, as ComfyUI's KSampler does. ``denoise < 1`` follows
     ComfyUI's KSampler: build the schedule for ``steps / denoise`` and keep its tail.
     """
-    schedule = Schedule(schedule)
+    try:
+        schedule = Schedule(schedule)
+    except ValueError:
+        raise InputError(f"`schedule` = {schedule!r} is not a known schedule.",
+                         expected=", ".join(s.value for s in Schedule), fix="choose turbo") from None
     if steps < 1 or (schedule is Schedule.TURBO and steps < 2):
-        raise InputError(f"steps={steps} gives no denoising step.",
-                         expected="steps >= 2 for the turbo schedule (9 = the official 8 DiT forwards), "
-                                  ">= 1 for comfy_simple", fix="set steps to 9")
-    if not 0.0 <= denoise <= 1.0:
-        raise InputError(f"denoise={denoise} is outside 0..1.", expected="0 <= denoise <= 1",
-                         fix="use 1.0 for text-to-image, about 0.3 to refine an image")
+        raise InputError(f"`steps` = {steps} gives no denoising step with the {schedule.value} schedule.",
+                         expected="steps >= 2 for the turbo schedule (steps counts sigmas: 9 = the official 8 DiT "
+                                  "forwards), steps >= 1 for comfy_simple (steps counts DiT forwards)",
+                         fix="set steps to 9")
+    if not 0.0 <= denoise <= 1.0:  # NaN fails this test too
+        raise InputError(f"`denoise` = {denoise} is outside 0..1.", expected="0 <= denoise <= 1",
+                         fix="use 1.0 for text-to-image, about 0.3 to refine a latent or image input")
+    if not shift > 0.0:
+        raise InputError(f"`shift` = {shift} is not positive.", expected="shift > 0 (3 for Z-Image-Turbo)",
+                         fix="set shift to 3")
     forwards = steps - 1 if schedule is Schedule.TURBO else steps
     if denoise <= 0.0:
         return torch.zeros(1)

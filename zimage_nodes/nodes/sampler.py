@@ -38,25 +38,33 @@ class ZImageSampler:
                 "shift": ("FLOAT", {"default": 3.0, "min": 0.01, "max": 100.0, "step": 0.01,
                                     "tooltip": "Flow-matching time shift (3 for Z-Image-Turbo)."}),
                 "cfg": ("FLOAT", {"default": 1.0, "min": 1.0, "max": 30.0, "step": 0.1,
-                                  "tooltip": "1 = off (Turbo needs none). Above 1 the negative prompt runs, batched "
-                                             "with the positive, for non-Turbo checkpoints."}),
+                                  "tooltip": "1 = off (Turbo needs none). Above 1 the negative prompt runs (batched "
+                                             "with the positive when both prompts have the same token count, else "
+                                             "as a second DiT call), for non-Turbo checkpoints."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
                                        "tooltip": "Images per run (ignored when a latent/image input is given)."}),
                 "max_batch": ("INT", {"default": 0, "min": 0, "max": 64,
                                       "tooltip": "Largest batch sent to the DiT at once (0 = all at once)."}),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": "1 = text-to-image. Below 1 refines the latent/image input, as core "
-                                                 "KSampler's denoise."}),
+                                                 "KSampler's denoise (0 returns the input unchanged)."}),
             },
             "optional": {
                 "negative": (ids.T_CONDITIONING, {"tooltip": "Negative prompt, used only when cfg > 1."}),
                 "latent": ("LATENT", {"tooltip": "Start from this latent (image-to-image with denoise < 1)."}),
                 "image": ("IMAGE", {"tooltip": "Start from this image (encoded with the loader's VAE)."}),
+                "compile": (list(runtime.COMPILE_CHOICES), {
+                    "default": "off",
+                    "tooltip": "blocks = run the DiT's transformer blocks through torch.compile (needs triton on "
+                               "NVIDIA). The first run at a new size or caption-length bucket (128 tokens) "
+                               "compiles for a while; later runs are faster. Same image as off up to rounding. "
+                               "Falls back to off if compiling fails."}),
             },
         }
 
     def sample(self, model, positive, width, height, seed, steps, schedule, shift, cfg, batch_size, max_batch,
-               denoise, negative=None, latent=None, image=None):
+               denoise, negative=None, latent=None, image=None, compile="off"):
         latent_out, images, report = runtime.sample(model, positive, width, height, seed, steps, schedule, shift,
-                                                    cfg, batch_size, max_batch, denoise, negative, latent, image)
+                                                    cfg, batch_size, max_batch, denoise, negative, latent, image,
+                                                    compile_mode=compile)
         return {"ui": {"text": [report]}, "result": (latent_out, images, report)}

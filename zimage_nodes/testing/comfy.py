@@ -75,7 +75,7 @@ class RunResult:
 _IMPORT_BASE: Path | None = None
 
 
-def ensure_comfy_importable(base_dir: Path) -> Path:
+def ensure_comfy_importable(base_dir: Path, extra_argv: list[str] | None = None) -> Path:
     """Put ComfyUI on sys.path and parse its command line once (CPU when there is no GPU).
 
     ComfyUI reads its arguments and base directory at import time, so the first caller fixes
@@ -93,6 +93,7 @@ def ensure_comfy_importable(base_dir: Path) -> Path:
     import torch
     if not torch.cuda.is_available():
         argv.append("--cpu")
+    argv += extra_argv or []
     saved = sys.argv
     sys.argv = argv
     try:
@@ -145,9 +146,25 @@ class InProcessComfy:
         self._progress: list[tuple[str, int, int]] = []
 
         def hook(value, total, preview, prompt_id=None, node_id=None):
+            # As main.py's hijack_progress: the running node from the executing context, the interruption
+            # check, then the progress state and a "progress" message to the client.
             import comfy.model_management
+            try:
+                from comfy_execution.utils import get_executing_context
+                from comfy_execution.progress import get_progress_state
+            except ImportError:  # older ComfyUI
+                get_executing_context = get_progress_state = None
+            context = get_executing_context() if get_executing_context is not None else None
+            if context is not None:
+                prompt_id = prompt_id or context.prompt_id
+                node_id = node_id or context.node_id
+            node_id = node_id or self.server.last_node_id
             self._progress.append((node_id or "", int(value), int(total)))
             comfy.model_management.throw_exception_if_processing_interrupted()
+            if get_progress_state is not None and node_id:
+                get_progress_state().update_progress(node_id, value, total, None)
+            self.server.send_sync("progress", {"value": value, "max": total, "prompt_id": prompt_id,
+                                               "node": node_id})
             if self.on_progress is not None:
                 self.on_progress(node_id, value, total)
 

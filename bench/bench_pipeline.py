@@ -1,0 +1,393 @@
+"""GPU benchmark: our pack's pipeline against ComfyUI native and diffusers, same GPU, same run.
+
+    python bench/bench_pipeline.py --weights /tmp/zimage_w --peers ours,comfy,diffusers --caps 0,8,4 \
+        --out bench/results/RESULTS.md
+
+Writes full-size random-weight checkpoints in the real single-file layouts (once, into --weights),
+then runs each (peer, VRAM cap) in its own process so caps and caches never leak between runs:
+- ours: the pack's core modules called directly (the code the nodes call): staged loader, DiT,
+  the memory plan of core/policy.plan for the cap (block streaming below the DiT's size), Turbo
+  schedule (8 forwards), VAE decode (tiled when the plan says so);
+- comfy: ComfyUI 0.3.75's own functions with the official template's settings (load_diffusion_model
+  = UNETLoader, ModelSamplingAuraFlow shift 3 as an object patch, comfy.sample.sample = KSampler with
+  res_multistep / simple / 9 steps / cfg 1, comfy.sd.VAE decode = VAEDecode), with --reserve-vram
+  so ComfyUI plans for the cap (and --lowvram under 16 GB, as measured in peers.md);
+- diffusers: ZImageTransformer2DModel + AutoencoderKL from the same files via diffusers' converters,
+  8 forwards with FlowMatchEulerDiscreteScheduler.
+A cap is torch.cuda.set_per_process_memory_fraction(cap / total). Timings use CUDA events after a
+warm-up; the median of --runs images. The text embedding is computed once and cached (not timed).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+GB = 1024 ** 3
+W = H = 1024
+CAP_TOKENS = 128
+FLOP_PER_FORWARD = 56.6e12  # 1024x1024, 128 caption tokens (zimage.md)
+
+
+# ---------------------------------------------------------------- helpers
+
+def cuda_time(fn, sync=True):
+    import torch
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    out = fn()
+    end.record()
+    if sync:
+        torch.cuda.synchronize()
+    return out, start.elapsed_time(end) / 1000.0
+
+
+def apply_cap(cap_gb: float) -> None:
+    import torch
+    if cap_gb > 0:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * GB / total))
+
+
+def rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def weight_paths(root: Path) -> dict[str, Path]:
+    m = root / "models"
+    return {"dit": m / "diffusion_models" / "z_image_turbo_bf16.safetensors",
+            "te": m / "text_encoders" / "qwen_3_4b.safetensors", "vae": m / "vae" / "ae.safetensors"}
+
+
+def generate(root: Path) -> None:
+    paths = weight_paths(root)
+    if all(p.exists() for p in paths.values()):
+        return
+    from zimage_nodes.testing import weights
+    t = time.time()
+    weights.write_all(root / "models", scale="full", layouts=("single",),
+                      tokenizer_src=_tokenizer_dir())
+    print(f"[bench] wrote full-size weights in {time.time() - t:.0f}s", flush=True)
+
+
+def _tokenizer_dir() -> Path:
+    from zimage_nodes.testing.comfy import comfy_root
+    return comfy_root() / "comfy" / "text_encoders" / "qwen25_tokenizer"
+
+
+def fake_caption(dim: int = 2560):
+    """A real-looking caption embedding (Qwen3 hidden states are ~unit scale with outliers)."""
+    import torch
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(1, CAP_TOKENS, dim, generator=g)
+
+
+# ---------------------------------------------------------------- workers (one process each)
+
+def worker_ours(root: Path, cap: float, runs: int) -> dict:
+    import torch
+    from zimage_nodes.core import loader, policy as P, sampling, schedule, vae as vae_mod
+    from zimage_nodes.core.streaming import BlockStreamer
+    paths = weight_paths(root)
+    dev = torch.device("cuda")
+    apply_cap(cap)
+    base_rss = rss()
+    t0 = time.time()
+    plan = loader.plan_single_files(paths["dit"], paths["te"], paths["vae"], _tokenizer_dir())
+    sizes = P.sizes_from_shapes(plan.dit.shapes, plan.text_encoder.shapes, plan.vae.shapes)
+    budget = int(cap * GB) if cap > 0 else torch.cuda.get_device_properties(0).total_memory
+    mplan = P.plan(P.Policy(), sizes, P.Request(W, H, caption_tokens=CAP_TOKENS), budget)
+    if mplan.mode is P.Mode.FULL_GPU:  # the TE would be resident too; embedding cached here, so DiT+VAE
+        mplan.mode = P.Mode.MODEL_OFFLOAD
+    streamed = mplan.mode in (P.Mode.BLOCK_SWAP, P.Mode.SEQUENTIAL)
+    dit = loader.load_dit(plan.dit, torch.device("cpu") if streamed else dev, torch.bfloat16, torch.bfloat16)
+    torch.cuda.synchronize()
+    load_s = time.time() - t0
+    vae = loader.load_vae(plan.vae, dev, torch.bfloat16)
+    streamer = None
+    if streamed:
+        units = list(dit.context_refiner) + list(dit.noise_refiner) + list(dit.layers)
+        inside = {id(t) for u in units for t in u.parameters()}
+        for name, p in dit.named_parameters():
+            if id(p) not in inside:
+                p.data = p.data.to(dev)
+        streamer = BlockStreamer(units, dev, mplan.resident_dit, mplan.prefetch).install()
+    cap_feats = fake_caption().to(dev, torch.bfloat16)
+    sigmas = schedule.make_sigmas("turbo", 9)
+    fwd_times: list[float] = []
+
+    def model_fn(x, s, c):
+        return dit(x, s, c)
+
+    def one(seed):
+        g = torch.Generator().manual_seed(seed)
+        noise = torch.randn(1, 16, H // 8, W // 8, generator=g).to(dev)
+        with torch.inference_mode():
+            x0, t_dit = cuda_time(lambda: sampling.sample(model_fn, noise, sigmas, cap_feats))
+            raw = vae_mod.model_to_raw(x0)
+            if mplan.vae_tiled:
+                img, t_vae = cuda_time(lambda: vae.decode_tiled(raw, mplan.vae_tile, 64))
+            else:
+                img, t_vae = cuda_time(lambda: vae.decode(raw))
+        return t_dit, t_vae, bool(torch.isfinite(x0).all())
+
+    one(0)  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    res = [one(i + 1) for i in range(runs)]
+    with torch.inference_mode():  # per-forward time, resident or streamed, after the image runs
+        x = torch.randn(1, 16, H // 8, W // 8, device=dev)
+        for _ in range(3):
+            fwd_times.append(cuda_time(lambda: dit(x, torch.tensor([0.5], device=dev), cap_feats))[1])
+    return {"peer": "ours", "cap": cap, "mode": mplan.describe(), "dit_s": statistics.median(r[0] for r in res),
+            "vae_s": statistics.median(r[1] for r in res), "finite": all(r[2] for r in res),
+            "fwd_s": statistics.median(fwd_times), "peak_gb": torch.cuda.max_memory_allocated() / GB,
+            "predicted_gb": mplan.peak / GB, "load_s": load_s,
+            "rss_gb": (rss() - base_rss) / GB, "streamed_gb_per_fwd":
+                (sum(u.nbytes for u in streamer.streamed) / GB) if streamer else 0.0}
+
+
+def worker_comfy(root: Path, cap: float, runs: int) -> dict:
+    import torch
+    total = torch.cuda.get_device_properties(0).total_memory
+    argv: list[str] = []
+    if cap > 0:
+        argv += ["--reserve-vram", f"{max(0.0, (total - cap * GB) / GB):.2f}"]
+        if cap < 16:
+            argv.append("--lowvram")
+    from zimage_nodes.testing.comfy import ensure_comfy_importable
+    ensure_comfy_importable(root, extra_argv=argv)
+    apply_cap(cap)
+    import comfy.model_management as mm
+    import comfy.model_sampling
+    import comfy.sample
+    import comfy.sd
+    import comfy.utils
+    paths = weight_paths(root)
+    t0 = time.time()
+    model = comfy.sd.load_diffusion_model(str(paths["dit"]))
+    load_s = time.time() - t0
+
+    class AuraFlow(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+
+    ms = AuraFlow(model.model.model_config)
+    ms.set_parameters(shift=3.0, multiplier=1.0)  # exactly what ModelSamplingAuraFlow(shift=3) patches
+    m = model.clone()
+    m.add_object_patch("model_sampling", ms)
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(paths["vae"])))
+    cond = fake_caption()
+    positive, negative = [[cond, {}]], [[torch.zeros_like(cond), {}]]
+    latent = torch.zeros(1, 16, H // 8, W // 8)
+
+    def one(seed):
+        noise = comfy.sample.prepare_noise(latent, seed)
+        samples, t_dit = cuda_time(lambda: comfy.sample.sample(
+            m, noise, 9, 1.0, "res_multistep", "simple", positive, negative, latent, denoise=1.0))
+        img, t_vae = cuda_time(lambda: vae.decode(samples))
+        return t_dit, t_vae, bool(torch.isfinite(samples).all())
+
+    one(0)
+    torch.cuda.reset_peak_memory_stats()
+    res = [one(i + 1) for i in range(runs)]
+    dit_s = statistics.median(r[0] for r in res)
+    return {"peer": "comfy", "cap": cap, "mode": "ComfyUI " + mm.vram_state.name, "dit_s": dit_s,
+            "vae_s": statistics.median(r[1] for r in res), "finite": all(r[2] for r in res), "fwd_s": dit_s / 9,
+            "peak_gb": torch.cuda.max_memory_allocated() / GB, "load_s": load_s}
+
+
+def worker_diffusers(root: Path, cap: float, runs: int) -> dict:
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from diffusers.loaders.single_file_utils import (convert_ldm_vae_checkpoint,
+                                                     convert_z_image_transformer_checkpoint_to_diffusers)
+    from safetensors.torch import load_file
+    from zimage_nodes.testing import weights as Wt
+    apply_cap(cap)
+    paths = weight_paths(root)
+    full = Wt.SCALES["full"]
+    t0 = time.time()
+    with torch.device("meta"):
+        dit = ZImageTransformer2DModel.from_config(Wt.dit_diffusers_config(full.dit))
+    sd = convert_z_image_transformer_checkpoint_to_diffusers(load_file(str(paths["dit"]), device="cuda"))
+    dit.load_state_dict(sd, assign=True)
+    dit = dit.to(torch.bfloat16).eval()
+    del sd
+    load_s = time.time() - t0
+    vcfg = Wt.vae_diffusers_config(full.vae)
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(vcfg)
+    vae.load_state_dict(convert_ldm_vae_checkpoint(load_file(str(paths["vae"]), device="cuda"), vcfg), assign=True)
+    vae = vae.to(torch.bfloat16).eval()
+    cap_feats = fake_caption().to("cuda", torch.bfloat16)[0]
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+
+    def one(seed):
+        g = torch.Generator().manual_seed(seed)
+        lat = torch.randn(1, 16, H // 8, W // 8, generator=g).to("cuda")
+
+        def loop():
+            nonlocal lat
+            sched.set_timesteps(sigmas=torch.linspace(1.0, 1 / 8, 8).tolist(), device="cuda")
+            sched.set_begin_index(0)
+            for t in sched.timesteps:
+                ts = ((1000 - t) / 1000).expand(1)
+                out = dit([lat.to(torch.bfloat16).unsqueeze(2)[0]], ts, [cap_feats], return_dict=False)[0]
+                v = -torch.stack([o.float() for o in out]).squeeze(2)
+                lat = sched.step(v, t, lat, return_dict=False)[0]
+            return lat
+
+        with torch.inference_mode():
+            x, t_dit = cuda_time(loop)
+            z = (x / 0.3611 + 0.1159).to(torch.bfloat16)
+            img, t_vae = cuda_time(lambda: vae.decode(z).sample)
+        return t_dit, t_vae, bool(torch.isfinite(x).all())
+
+    one(0)
+    torch.cuda.reset_peak_memory_stats()
+    res = [one(i + 1) for i in range(runs)]
+    dit_s = statistics.median(r[0] for r in res)
+    return {"peer": "diffusers", "cap": cap, "mode": "all on GPU, SDPA", "dit_s": dit_s,
+            "vae_s": statistics.median(r[1] for r in res), "finite": all(r[2] for r in res), "fwd_s": dit_s / 8,
+            "peak_gb": torch.cuda.max_memory_allocated() / GB, "load_s": load_s}
+
+
+def worker_calib(root: Path, cap: float, runs: int) -> dict:
+    """Activation peak of one DiT forward (weights resident) at 512..2048 px and batch 1, 2, 4, against
+    the estimator's activation model."""
+    import torch
+    from zimage_nodes.core import loader, policy as P
+    paths = weight_paths(root)
+    plan = loader.plan_single_files(paths["dit"], paths["te"], paths["vae"], _tokenizer_dir())
+    dit = loader.load_dit(plan.dit, torch.device("cuda"), torch.bfloat16, torch.bfloat16)
+    cap_feats = fake_caption().to("cuda", torch.bfloat16)
+    rows = []
+    for side in (512, 1024, 1536, 2048):
+        for batch in (1, 2, 4):
+            x = torch.randn(batch, 16, side // 8, side // 8, device="cuda")
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            with torch.inference_mode():
+                _, t = cuda_time(lambda: dit(x, torch.full((batch,), 0.5, device="cuda"), cap_feats.expand(batch, -1, -1)))
+            measured = torch.cuda.max_memory_allocated() - base
+            req = P.Request(side, side, batch=batch, caption_tokens=CAP_TOKENS)
+            predicted = req.tokens * P.DIT_ACT_BYTES_PER_TOKEN + P.DIT_ACT_CONSTANT
+            rows.append({"side": side, "batch": batch, "tokens": req.tokens, "measured_gb": measured / GB,
+                         "predicted_gb": predicted / GB, "fwd_s": t,
+                         "bytes_per_token": measured / req.tokens})
+            del x
+    return {"peer": "calib", "cap": cap, "rows": rows}
+
+
+def ceilings() -> dict:
+    """Measured bf16 matmul rate at the FFN shape and pinned host-to-device rate."""
+    import torch
+    a = torch.randn(4224, 3840, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(3840, 10240, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _, t = cuda_time(lambda: [a @ b for _ in range(50)])
+    tflops = 2 * 4224 * 3840 * 10240 * 50 / t / 1e12
+    h = torch.empty(2 * GB, dtype=torch.uint8).pin_memory()
+    d = torch.empty_like(h, device="cuda")
+    d.copy_(h, non_blocking=True)
+    _, t = cuda_time(lambda: [d.copy_(h, non_blocking=True) for _ in range(5)])
+    return {"matmul_tflops": tflops, "h2d_gbs": 10 * GB / t / 1e9, "gpu": torch.cuda.get_device_name(0),
+            "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+WORKERS = {"ours": worker_ours, "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib}
+
+
+# ---------------------------------------------------------------- driver
+
+def table(rows: list[dict], ceil: dict, driver: str) -> str:
+    floor_fwd = FLOP_PER_FORWARD / (ceil["matmul_tflops"] * 1e12)
+    comfy = {r["cap"]: r for r in rows if r["peer"] == "comfy" and "error" not in r}
+    out = [f"GPU: {ceil['gpu']}, driver {driver}, torch {ceil['torch']} (CUDA {ceil['cuda']}); "
+           f"measured bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, pinned H2D {ceil['h2d_gbs']:.1f} GB/s; "
+           f"floor per DiT forward {floor_fwd * 1000:.0f} ms ({FLOP_PER_FORWARD / 1e12:.1f} TFLOP).", "",
+           "| peer | cap GB | mode | DiT s/image | s/forward | VAE s | image s | x ComfyUI (image) | "
+           "x floor (forward) | peak alloc GB | predicted GB | load s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["peer"] == "calib" and "rows" in r:
+            continue
+        if "error" in r:
+            out.append(f"| {r['peer']} | {r['cap'] or 'card'} | error: {r['error'][:120]} |||||||||")
+            continue
+        img = r["dit_s"] + r["vae_s"]
+        c = comfy.get(r["cap"])
+        ratio = f"{img / (c['dit_s'] + c['vae_s']):.2f}" if c else "-"
+        floor = max(floor_fwd, r.get("streamed_gb_per_fwd", 0) * GB / (ceil["h2d_gbs"] * 1e9))
+        pred = f"{r['predicted_gb']:.2f}" if "predicted_gb" in r else "-"
+        fin = "" if r["finite"] else " (NaN!)"
+        out.append(f"| {r['peer']} | {r['cap'] or 'card'} | {r['mode']} | {r['dit_s']:.3f}{fin} | {r['fwd_s']:.3f} | "
+                   f"{r['vae_s']:.3f} | {img:.3f} | {ratio} | {r['fwd_s'] / floor:.2f} | {r['peak_gb']:.2f} | {pred} | "
+                   f"{r['load_s']:.1f} |")
+    for r in rows:
+        if r["peer"] == "calib" and "rows" in r:
+            out += ["", "Estimator: DiT activation peak of one forward (weights resident), measured vs predicted.", "",
+                    "| size | batch | tokens | measured GB | predicted GB | predicted / measured | s/forward |",
+                    "|---|---|---|---|---|---|---|"]
+            out += [f"| {c['side']}^2 | {c['batch']} | {c['tokens']} | {c['measured_gb']:.3f} | {c['predicted_gb']:.3f} | "
+                    f"{c['predicted_gb'] / c['measured_gb']:.2f} | {c['fwd_s']:.3f} |" for c in r["rows"]]
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", default="/tmp/zimage_weights")
+    ap.add_argument("--peers", default="ours,comfy,diffusers")
+    ap.add_argument("--caps", default="0", help="comma-separated VRAM caps in GB (0 = whole card)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", help="markdown file to write the table to")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    root = Path(args.weights)
+    if args.worker:
+        try:
+            print("RESULT " + json.dumps(WORKERS[args.worker](root, args.cap, args.runs)), flush=True)
+        except Exception as e:  # reported in the table, the other runs go on
+            import traceback
+            traceback.print_exc()
+            print("RESULT " + json.dumps({"peer": args.worker, "cap": args.cap, "error": f"{type(e).__name__}: {e}"}))
+        return 0
+    generate(root)
+    ceil = ceilings()
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True).stdout.strip() or "?"
+    rows = []
+    for cap in [float(c) for c in args.caps.split(",")]:
+        for peer in args.peers.split(","):
+            t = time.time()
+            out = subprocess.run([sys.executable, __file__, "--weights", str(root), "--worker", peer,
+                                  "--cap", str(cap), "--runs", str(args.runs)], capture_output=True, text=True)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            row = json.loads(line[7:]) if line else {"peer": peer, "cap": cap, "error": out.stderr[-300:]}
+            rows.append(row)
+            print(f"[bench] {peer} cap {cap}: {time.time() - t:.0f}s {json.dumps(row)}", flush=True)
+            if "error" in row:
+                print(out.stderr[-3000:], flush=True)
+    text = table(rows, ceil, driver)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps({"ceilings": ceil, "driver": driver, "rows": rows},
+                                                                  indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

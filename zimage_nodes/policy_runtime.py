@@ -1,0 +1,166 @@
+"""Applying a memory policy to a loaded Z-Image model: where each component sits while it runs.
+
+``plan_for`` resolves the policy (core/policy.py) against the budget ComfyUI reports and ComfyUI's
+memory flags; ``dit_session`` / ``te_session`` put the DiT / text encoder where the plan says for the
+duration of a stage and leave the card as they found it afterwards; ``run_with_fallback`` catches a
+CUDA out-of-memory error, releases what the attempt held, steps down one mode and retries once.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+from typing import Callable, Iterator, Optional, TypeVar
+
+import torch
+
+from . import comfy_bridge as bridge
+from .core import policy as P
+from .core.streaming import BlockStreamer
+
+T = TypeVar("T")
+
+
+def flags_policy(policy: Optional[P.Policy]) -> P.Policy:
+    """The policy in force: the connected one, or defaults shaped by ComfyUI's memory flags."""
+    if policy is not None:
+        return policy
+    f = bridge.vram_flags()
+    if f["cpu"]:
+        return P.Policy(mode=P.Mode.CPU)
+    if f["gpu_only"] or f["highvram"]:
+        return P.Policy(mode=P.Mode.FULL_GPU)
+    if f["novram"]:
+        return P.Policy(mode=P.Mode.SEQUENTIAL)
+    if f["lowvram"]:
+        return P.Policy(mode=P.Mode.BLOCK_SWAP)
+    return P.Policy()
+
+
+def budget_bytes(policy: P.Policy, device: torch.device, held: int, notes: list[str]) -> int:
+    """The budget in bytes: the policy's (clamped to the card), else what ComfyUI says is free plus
+    what our own components already hold (we may move those)."""
+    if device.type != "cuda":
+        return 0
+    total = bridge.total_vram(device)
+    if policy.budget_gb > 0:
+        want = int(policy.budget_gb * P.GB)
+        if want > total:
+            notes.append(f"budget {policy.budget_gb:g} GB is more than the card's {total / P.GB:.1f} GB; "
+                         f"using {total / P.GB:.1f} GB")
+            return total
+        return want
+    return min(total, bridge.free_vram(device) + held)
+
+
+def dit_units(dit: torch.nn.Module) -> list[torch.nn.Module]:
+    """The DiT's streamable blocks in execution order."""
+    return list(dit.context_refiner) + list(dit.noise_refiner) + list(dit.layers)
+
+
+def te_units(te: torch.nn.Module) -> list[torch.nn.Module]:
+    return list(te.model.layers)
+
+
+def _move_other(module: torch.nn.Module, units: list[torch.nn.Module], device: torch.device) -> None:
+    """Move every parameter/buffer that is not inside a streamed unit."""
+    inside = {id(t) for u in units for t in list(u.parameters()) + list(u.buffers())}
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if id(t) in inside:
+            continue
+        owner, _, leaf = name.rpartition(".")
+        m = module.get_submodule(owner) if owner else module
+        cur = getattr(m, leaf)
+        if isinstance(cur, torch.nn.Parameter):
+            cur.data = cur.data.to(device)
+        else:
+            setattr(m, leaf, cur.to(device))
+
+
+@contextlib.contextmanager
+def streamed(module: torch.nn.Module, units: list[torch.nn.Module], device: torch.device, resident: int,
+             prefetch: int) -> Iterator[BlockStreamer]:
+    """Run ``module`` on ``device`` with its blocks streamed; afterwards everything is back on the CPU."""
+    streamer = BlockStreamer(units, device, resident, prefetch)
+    try:
+        _move_other(module, units, device)
+        streamer.install()
+        yield streamer
+    finally:
+        streamer.remove()
+        for u in streamer.units:
+            if u.resident:
+                u.module.to("cpu")
+        _move_other(module, units, torch.device("cpu"))
+        gc.collect()
+        bridge.soft_empty_cache()
+
+
+@contextlib.contextmanager
+def dit_session(model, plan: P.Plan) -> Iterator[Optional[BlockStreamer]]:
+    """The DiT placed for the plan's mode for the duration of sampling."""
+    patcher = model.dit_patcher
+    mode = plan.mode
+    if mode in (P.Mode.FULL_GPU, P.Mode.MODEL_OFFLOAD):
+        if mode is P.Mode.MODEL_OFFLOAD:
+            bridge.unload([model.te_patcher, model.vae_patcher])
+        bridge.load_on_device([patcher])
+        yield None
+        return
+    bridge.unload([patcher, model.te_patcher, model.vae_patcher])
+    if mode is P.Mode.CPU:
+        model.dit.to("cpu")
+        yield None
+        return
+    device = patcher.load_device
+    bridge.free_memory(plan.peaks.get("dit", plan.peak), device)
+    with streamed(model.dit, dit_units(model.dit), device, plan.resident_dit, plan.prefetch) as s:
+        yield s
+
+
+@contextlib.contextmanager
+def te_session(model, plan: P.Plan) -> Iterator[torch.device]:
+    """The text encoder placed for the plan's mode while it encodes; yields the device to feed."""
+    te = model.te.module
+    mode = plan.mode
+    if mode in (P.Mode.FULL_GPU, P.Mode.MODEL_OFFLOAD) or model.te.device.type != "cuda":
+        if mode is P.Mode.MODEL_OFFLOAD:
+            bridge.unload([model.dit_patcher, model.vae_patcher])
+        bridge.load_on_device([model.te_patcher])
+        yield model.te.device
+        return
+    bridge.unload([model.te_patcher, model.dit_patcher, model.vae_patcher])
+    if mode is P.Mode.CPU:
+        te.to("cpu")
+        yield torch.device("cpu")
+        return
+    device = model.te.device
+    with streamed(te, te_units(te), device, plan.resident_te, plan.prefetch):
+        yield device
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def run_with_fallback(policy: P.Policy, plan: P.Plan, attempt: Callable[[P.Plan], T],
+                      replan: Callable[[P.Mode], P.Plan], report: list[str]) -> T:
+    """Run ``attempt(plan)``; on CUDA OOM (with the fallback on) release memory, step down one mode and
+    retry once. Both attempts are reported."""
+    try:
+        return attempt(plan)
+    except Exception as exc:  # narrowed below: only OOM is retried
+        if not is_oom(exc) or not policy.oom_fallback:
+            raise
+        lower = P.step_down(plan.mode)
+        if lower is None:
+            raise
+        first = f"attempt 1: {plan.describe()} ran out of memory ({str(exc).splitlines()[0][:200]})"
+        bridge.warn(first)
+        report.append(first)
+        del exc
+        gc.collect()
+        bridge.soft_empty_cache()
+        plan2 = replan(lower)
+        report.append(f"attempt 2: {plan2.describe()}")
+        bridge.warn(report[-1])
+        return attempt(plan2)
