@@ -288,6 +288,53 @@ def worker_calib(root: Path, cap: float, runs: int) -> dict:
     return {"peer": "calib", "cap": cap, "rows": rows}
 
 
+def worker_modes(root: Path, cap: float, runs: int) -> dict:
+    """The estimator in each GPU mode: one DiT forward at 512..2048 px, batch 1, 2, 4, the DiT placed as the
+    plan says (resident for full_gpu/model_offload; streamed with the plan's resident blocks at a 4 GB budget
+    for block_swap; sequential), peak allocated against the plan's DiT-stage prediction."""
+    import torch
+    from zimage_nodes.core import loader, policy as P
+    from zimage_nodes.core.streaming import BlockStreamer
+    paths = weight_paths(root)
+    lp = loader.plan_single_files(paths["dit"], paths["te"], paths["vae"], _tokenizer_dir())
+    sizes = P.sizes_from_shapes(lp.dit.shapes, lp.text_encoder.shapes, lp.vae.shapes)
+    dit = loader.load_dit(lp.dit, torch.device("cpu"), torch.bfloat16, torch.bfloat16)
+    units = list(dit.context_refiner) + list(dit.noise_refiner) + list(dit.layers)
+    inside = {id(t) for u in units for t in u.parameters()}
+    cap_feats = fake_caption().to("cuda", torch.bfloat16)
+    rows = []
+    for mode, budget_gb in ((P.Mode.MODEL_OFFLOAD, 40), (P.Mode.BLOCK_SWAP, 4), (P.Mode.SEQUENTIAL, 4)):
+        for p in dit.parameters():
+            if id(p) not in inside:
+                p.data = p.data.to("cuda")
+        for side in (512, 1024, 1536, 2048):
+            for batch in (1, 2, 4):
+                req = P.Request(side, side, batch=batch, caption_tokens=CAP_TOKENS)
+                plan = P.plan(P.Policy(mode=mode), sizes, req, int(budget_gb * GB))
+                if mode is P.Mode.MODEL_OFFLOAD:
+                    for u in units:
+                        u.to("cuda")
+                    streamer = None
+                else:
+                    streamer = BlockStreamer(units, torch.device("cuda"), plan.resident_dit, plan.prefetch).install()
+                x = torch.randn(batch, 16, side // 8, side // 8, device="cuda")
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                with torch.inference_mode():
+                    _, t = cuda_time(lambda: dit(x, torch.full((batch,), 0.5, device="cuda"),
+                                                 cap_feats.expand(batch, -1, -1)))
+                measured = torch.cuda.max_memory_allocated()
+                rows.append({"mode": mode.value, "side": side, "batch": batch, "measured_gb": measured / GB,
+                             "predicted_gb": plan.peaks["dit"] / GB, "fwd_s": t})
+                del x
+                if streamer is not None:
+                    streamer.remove()
+                for u in units:
+                    u.to("cpu")
+                torch.cuda.empty_cache()
+    return {"peer": "modes", "cap": cap, "rows": rows}
+
+
 def ceilings() -> dict:
     """Measured bf16 matmul rate at the FFN shape and pinned host-to-device rate."""
     import torch
@@ -305,7 +352,8 @@ def ceilings() -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda}
 
 
-WORKERS = {"ours": worker_ours, "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib}
+WORKERS = {"ours": worker_ours, "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib,
+           "modes": worker_modes}
 
 
 # ---------------------------------------------------------------- driver
@@ -320,7 +368,7 @@ def table(rows: list[dict], ceil: dict, driver: str) -> str:
            "x floor (forward) | peak alloc GB | predicted GB | load s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["peer"] == "calib" and "rows" in r:
+        if r["peer"] in ("calib", "modes") and "rows" in r:
             continue
         if "error" in r:
             out.append(f"| {r['peer']} | {r['cap'] or 'card'} | error: {r['error'][:120]} |||||||||")
@@ -340,6 +388,14 @@ def table(rows: list[dict], ceil: dict, driver: str) -> str:
                     "| size | batch | tokens | measured GB | predicted GB | predicted / measured | s/forward |",
                     "|---|---|---|---|---|---|---|"]
             out += [f"| {c['side']}^2 | {c['batch']} | {c['tokens']} | {c['measured_gb']:.3f} | {c['predicted_gb']:.3f} | "
+                    f"{c['predicted_gb'] / c['measured_gb']:.2f} | {c['fwd_s']:.3f} |" for c in r["rows"]]
+    for r in rows:
+        if r["peer"] == "modes" and "rows" in r:
+            out += ["", "Estimator per mode: peak allocated during one DiT forward (weights placed as planned; "
+                    "block_swap and sequential at a 4 GB budget) vs the plan's DiT-stage prediction.", "",
+                    "| mode | size | batch | measured GB | predicted GB | predicted / measured | s/forward |",
+                    "|---|---|---|---|---|---|---|"]
+            out += [f"| {c['mode']} | {c['side']}^2 | {c['batch']} | {c['measured_gb']:.3f} | {c['predicted_gb']:.3f} | "
                     f"{c['predicted_gb'] / c['measured_gb']:.2f} | {c['fwd_s']:.3f} |" for c in r["rows"]]
     return "\n".join(out)
 

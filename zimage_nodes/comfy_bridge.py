@@ -48,9 +48,10 @@ def list_diffusers_folders() -> list[str]:
     for base in folder_paths.get_folder_paths(DIFFUSERS_FOLDER):
         if not os.path.isdir(base):
             continue
-        for root, _dirs, files in os.walk(base, followlinks=True):
+        for root, dirs, files in os.walk(base, followlinks=True):
             if "model_index.json" in files:
                 found.add(os.path.relpath(root, base))
+                dirs[:] = []  # its sub-folders are its components, not more models
     return sorted(found)
 
 

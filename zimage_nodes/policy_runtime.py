@@ -164,3 +164,98 @@ def run_with_fallback(policy: P.Policy, plan: P.Plan, attempt: Callable[[P.Plan]
         report.append(f"attempt 2: {plan2.describe()}")
         bridge.warn(report[-1])
         return attempt(plan2)
+
+
+def make_policy(mode: str, budget_gb: float, dit_weights: str, attention: str, vae_mode: str, vae_tile: int,
+                resident_blocks: int, prefetch: int, cache_clear_interval: int,
+                oom_fallback: bool) -> tuple[P.Policy, str]:
+    """Validate the node's inputs into a Policy; adjustments become notes in the report."""
+    from .core.attention import resolve_backend
+    from .core.errors import InputError
+    notes: list[str] = []
+    try:
+        m, w, v = P.Mode(mode), P.DiTWeights(dit_weights), P.VAEMode(vae_mode)
+    except ValueError as e:
+        raise InputError(f"Z-Image Memory Policy: {e}.", fix="pick a value from the list") from e
+    if attention != "auto":
+        backend, reason = resolve_backend(attention)
+        if reason:
+            notes.append(reason)
+            attention = backend
+    if w is P.DiTWeights.FP8_FAST and not _has_fp8_matmul():
+        notes.append("fp8_fast: this GPU has no fp8 matmuls (needs compute capability 8.9+); using fp8 storage "
+                     "with bf16 matmuls")
+        w = P.DiTWeights.FP8
+    device = bridge.torch_device()
+    if budget_gb > 0 and device.type == "cuda":
+        total = bridge.total_vram(device) / P.GB
+        if budget_gb > total:
+            notes.append(f"budget {budget_gb:g} GB is more than this card's {total:.1f} GB: clamped")
+            budget_gb = total
+    policy = P.Policy(mode=m, budget_gb=budget_gb, dit_weights=w, attention=attention, vae_mode=v,
+                      vae_tile=int(vae_tile), resident_blocks=int(resident_blocks), prefetch=int(prefetch),
+                      cache_clear_interval=int(cache_clear_interval), oom_fallback=bool(oom_fallback),
+                      notes=tuple(notes))
+    text = (f"mode {m.value}, budget {'ComfyUI free VRAM' if budget_gb <= 0 else f'{budget_gb:g} GB'}, "
+            f"DiT {w.value}, attention {attention}, VAE {v.value} ({vae_tile} px tiles), "
+            f"OOM fallback {'on' if oom_fallback else 'off'}")
+    return policy, "\n".join([text, *notes])
+
+
+def _has_fp8_matmul() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9) and hasattr(torch, "_scaled_mm")
+
+
+# ---------------------------------------------------------------- planning a run for a loaded model
+
+STREAMED_MODES = (P.Mode.BLOCK_SWAP, P.Mode.SEQUENTIAL)
+
+
+def sizes_for(plan_sources, dit_storage: torch.dtype, te_storage: torch.dtype, vae_dtype: torch.dtype) -> P.Sizes:
+    """Component sizes from the headers at the storage dtypes (known before anything is allocated)."""
+    def nbytes(dtype: torch.dtype) -> float:
+        return torch.empty(0, dtype=dtype).element_size()
+    return P.sizes_from_shapes(plan_sources.dit.shapes, plan_sources.text_encoder.shapes, plan_sources.vae.shapes,
+                               nbytes(dit_storage), nbytes(te_storage), nbytes(vae_dtype))
+
+
+def _on_cuda(module: Optional[torch.nn.Module]) -> bool:
+    p = next(module.parameters(), None) if module is not None else None
+    return p is not None and p.device.type == "cuda"
+
+
+def held_bytes(model) -> int:
+    """Bytes our own components hold on the GPU now (we may move them, so they count as available)."""
+    s = model.sizes
+    return ((s.dit if _on_cuda(model.dit) else 0) + (s.vae if _on_cuda(model.vae.model) else 0)
+            + (s.te if _on_cuda(model.te.module) else 0))
+
+
+def plan_for(model, req: P.Request, notes: list[str], mode: Optional[P.Mode] = None) -> P.Plan:
+    """Resolve the model's policy for one run (``mode`` forces a mode, for the OOM fallback)."""
+    policy = model.policy if mode is None else P.with_mode(model.policy, mode)
+    device = model.dit_patcher.load_device
+    budget = budget_bytes(policy, device, held_bytes(model), notes)
+    plan = P.plan(policy, model.sizes, req, budget, has_cuda=device.type == "cuda")
+    notes.extend(n for n in plan.notes if n not in notes)
+    policy.last.update(budget_bytes=plan.budget or None, predicted_peak_bytes=plan.peak or None, mode=plan.mode.value)
+    return plan
+
+
+def load_device_for_dit(policy: P.Policy, sizes: P.Sizes, device: torch.device, notes: list[str]) -> torch.device:
+    """Where the loader streams the DiT: its GPU when the default run (1024x1024) keeps it resident,
+    else host memory, from which the sampler streams its blocks."""
+    if device.type != "cuda":
+        return device
+    budget = budget_bytes(policy, device, 0, notes)
+    plan = P.plan(policy, sizes, P.Request(1024, 1024), budget)
+    return torch.device("cpu") if plan.mode in STREAMED_MODES or plan.mode is P.Mode.CPU else device
+
+
+def storage_override(policy: P.Policy, dit_dtype: str, notes: list[str]) -> str:
+    """The policy's DiT weight storage wins over the loader's dtype choice when it asks for fp8."""
+    if policy.dit_weights is P.DiTWeights.BF16:
+        return dit_dtype
+    if policy.dit_weights is P.DiTWeights.FP8_FAST:
+        notes.append("fp8_fast: fp8 matmul kernels are not implemented yet; fp8 storage with bf16 matmuls")
+    return "fp8_e4m3fn"

@@ -16,7 +16,9 @@ from typing import Optional
 import torch
 
 from . import comfy_bridge as bridge
+from . import policy_runtime
 from .core import compile as dit_compile
+from .core import policy as P
 from .core import loader, sampling, schedule
 from .core import text_encoder as te_mod
 from .core import vae as vae_mod
@@ -39,6 +41,8 @@ class ZImageModel:
     notes: list[str] = field(default_factory=list)
     te_patcher: Optional[object] = None
     tokenizer: Optional[object] = None
+    policy: P.Policy = field(default_factory=P.Policy)
+    sizes: Optional[P.Sizes] = None
 
     @property
     def cap_feat_dim(self) -> int:
@@ -86,7 +90,8 @@ class _StageProgress:
 
 def load_model(dit_name: str, text_encoder_name: str, vae_name: str, diffusers_folder: str,
                dit_device: str, dit_dtype: str, te_device: str, te_dtype: str,
-               vae_device: str, vae_dtype: str, embedding_cache_dir: str = "") -> tuple[ZImageModel, str]:
+               vae_device: str, vae_dtype: str, embedding_cache_dir: str = "",
+               policy: Optional[P.Policy] = None) -> tuple[ZImageModel, str]:
     """Stage 1 reads and checks every header and the tokenizer; then the DiT and the VAE stream to their
     devices (one progress bar, in tensors) and each is handed to ComfyUI's model management as it lands.
     The text encoder is planned here and streamed on first use (``encode_text``)."""
@@ -104,18 +109,28 @@ def load_model(dit_name: str, text_encoder_name: str, vae_name: str, diffusers_f
     dev = bridge.resolve_device(dit_device, bridge.torch_device(), "dit_device")
     vdev = bridge.resolve_device(vae_device, bridge.vae_device(), "vae_device")
     tdev = bridge.resolve_device(te_device, bridge.text_encoder_device(), "te_device")
+    pol = policy_runtime.flags_policy(policy)
+    notes.extend(pol.notes)
+    dit_dtype = policy_runtime.storage_override(pol, dit_dtype, notes)
     dit_storage, dit_compute = loader.choose_dtypes(dit_dtype, dev, "DiT", "dit_dtype", notes)
     vae_storage, _ = loader.choose_dtypes(vae_dtype, vdev, "vae", "vae_dtype", notes)
     te_storage, te_compute = loader.choose_dtypes(te_dtype, tdev, "text encoder", "te_dtype", notes)
     cache = te_mod.EmbeddingCache(directory=_cache_dir(embedding_cache_dir))
+    sizes = policy_runtime.sizes_for(plan, dit_storage, te_storage, vae_storage)
+    dit_home = policy_runtime.load_device_for_dit(pol, sizes, dev, notes)  # host memory when it will stream
 
     progress = _StageProgress([len(plan.dit.shapes), len(plan.vae.shapes)])
     dit = dit_patcher = vae = vae_patcher = None
     try:
-        _make_room(loader.resident_bytes(plan.dit, dit_storage, dit_compute), dev)
-        dit = loader.load_dit(plan.dit, dev, dit_storage, dit_compute, progress=progress.stage(0))
-        dit_patcher = bridge.make_patcher(dit, dev, dev)
-        bridge.register_loaded(dit_patcher)
+        _make_room(loader.resident_bytes(plan.dit, dit_storage, dit_compute), dit_home)
+        dit = loader.load_dit(plan.dit, dit_home, dit_storage, dit_compute, progress=progress.stage(0))
+        dit_patcher = bridge.make_patcher(dit, dev, dit_home)
+        if dit_home == dev:
+            bridge.register_loaded(dit_patcher)
+        if pol.attention != "auto":
+            reason = dit.set_attention_backend(pol.attention)
+            if reason:
+                notes.append(reason)
 
         _make_room(loader.resident_bytes(plan.vae, vae_storage, vae_storage), vdev)
         vae = loader.load_vae(plan.vae, vdev, vae_storage, progress=progress.stage(1))
@@ -130,12 +145,14 @@ def load_model(dit_name: str, text_encoder_name: str, vae_name: str, diffusers_f
 
     te = loader.LazyTextEncoder(plan.text_encoder, tdev, te_storage, te_compute)
     model = ZImageModel(plan, dit, dit_patcher, (dit_storage, dit_compute), vae, vae_patcher, te, cache, notes,
-                        tokenizer=tokenizer)
-    report = [f"DiT: {_files(plan.dit)} ({plan.dit.layout}) on {dev}, "
+                        tokenizer=tokenizer, policy=pol, sizes=sizes)
+    where = str(dev) if dit_home == dev else f"host memory (its blocks stream to {dev} while sampling)"
+    report = [f"Memory policy: {pol.mode.value}" + (f", budget {pol.budget_gb:g} GB" if pol.budget_gb else ""),
+              f"DiT: {_files(plan.dit)} ({plan.dit.layout}) in {where}, "
               f"{_name(dit_storage)} storage / {_name(dit_compute)} compute",
               f"VAE: {_files(plan.vae)} on {vdev}, {_name(vae_storage)}",
-              f"Text encoder: {_files(plan.text_encoder)} on {tdev}, {_name(te_storage)} storage / {_name(te_compute)} compute, "
-              f"loaded on first use (last layer and final norm skipped)",
+              f"Text encoder: {_files(plan.text_encoder)} on {tdev}, {_name(te_storage)} storage / "
+              f"{_name(te_compute)} compute, loaded on first use (last layer and final norm skipped)",
               "Tokenizer: " + ("the folder's tokenizer/" if plan.own_tokenizer else "ComfyUI's Qwen tokenizer files")]
     if cache.directory is not None:
         report.append(f"Embedding cache on disk: {cache.directory}")
@@ -163,7 +180,8 @@ def _cache_dir(text: str) -> Optional[Path]:
     except OSError as e:
         raise InputError(f"`embedding_cache_dir`: cannot write to {folder}.", found=f"{e.strerror or e}",
                          expected="a folder this user can create and write, or empty for a memory-only cache",
-                         fix="choose another folder (e.g. inside ComfyUI's user or temp folder) or leave it empty") from e
+                         fix="choose another folder (e.g. inside ComfyUI's user or temp folder) or leave it "
+                             "empty") from e
     return folder
 
 
@@ -196,25 +214,31 @@ def encode_text(model: ZImageModel, text: str) -> tuple[ZImageConditioning, str]
     embeds = model.cache.get(text, identity)
     note = "embedding cache hit"
     if embeds is None:
+        plan_notes: list[str] = []
+        plan = policy_runtime.plan_for(model, P.Request(1024, 1024, caption_tokens=len(ids)), plan_notes)
+        streamed = plan.mode in policy_runtime.STREAMED_MODES and model.te.device.type == "cuda"
         if model.te.module is None:
+            home = torch.device("cpu") if streamed else model.te.device
             progress = _StageProgress([model.te.n_tensors])
-            _make_room(model.te.nbytes, model.te.device)
+            _make_room(model.te.nbytes, home)
             try:
-                module = model.te.get(progress=progress.stage(0))
+                module = model.te.get(progress=progress.stage(0), device=home)
             except BaseException as e:  # failed or cancelled mid-load: release the half-built encoder now
                 _drop_locals(e)
                 raise
             progress.finish()
-            model.te_patcher = bridge.make_patcher(module, model.te.device, model.te.device)
-            bridge.register_loaded(model.te_patcher)
+            model.te_patcher = bridge.make_patcher(module, model.te.device, home)
+            if home == model.te.device:
+                bridge.register_loaded(model.te_patcher)
             note = "text encoder loaded, encoded"
         else:
             module = model.te.module
-            bridge.load_on_device([model.te_patcher])
             note = "encoded"
+        if streamed:
+            note += f" (blocks streamed: {plan.describe()})"
         bridge.check_interrupt()
-        with torch.inference_mode():
-            out = module(torch.tensor([ids], device=model.te.device))
+        with policy_runtime.te_session(model, plan) as device, torch.inference_mode():
+            out = module(torch.tensor([ids], device=device))
         embeds = out.to(bridge.intermediate_device(), torch.float32)
         model.cache.put(text, identity, embeds)
     msg = f"{len(ids)} tokens, {note}"
@@ -341,22 +365,21 @@ def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height:
         return {"samples": raw_in.clone()}, decode(model, raw_in), "\n".join(notes)
     _use_compile(model, compile_mode, notes)
 
-    dev = model.dit_patcher.load_device
-    bridge.load_on_device([model.dit_patcher])
     compute = model.dit_dtypes[1]
-    noise = bridge.prepare_noise(shape, seed).to(dev)
-    x_init = vae_mod.raw_to_model(raw_in).to(dev) if raw_in is not None else None
-    cond = positive.embeds.to(dev, compute)
-    uncond = negative.embeds.to(dev, compute) if negative is not None and cfg != 1.0 else None
+    noise = bridge.prepare_noise(shape, seed)
+    x_init = vae_mod.raw_to_model(raw_in) if raw_in is not None else None
+    uncond = negative if negative is not None and cfg != 1.0 else None
     if negative is not None and cfg == 1.0:
         notes.append("cfg is 1, so the negative prompt is not used (Turbo needs no CFG)")
     elif negative is None and cfg != 1.0:
         notes.append(f"cfg is {cfg:g} but no negative is connected: guidance is off")
-    elif uncond is not None:
-        how = "batched with the positive" if cond.shape[1] == uncond.shape[1] else "as a second DiT call per step"
+    batched_cfg = uncond is not None and uncond.embeds.shape[1] == positive.embeds.shape[1]
+    if uncond is not None:
+        how = "batched with the positive" if batched_cfg else "as a second DiT call per step"
         notes.append(f"cfg {cfg:g}: the negative prompt runs {how}")
+    clear_every = int(getattr(getattr(model, "policy", None), "cache_clear_interval", 0) or 0)
 
-    def run() -> torch.Tensor:
+    def run(dev: torch.device) -> torch.Tensor:
         # previews follow ComfyUI's preview method (off by default in 0.3.75), one per step when on;
         # a preview is the only thing in the loop that reads the device (one small copy per step)
         previewer = bridge.live_previewer(dev)
@@ -365,34 +388,69 @@ def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height:
         def on_step(step: sampling.Step) -> None:
             progress.update(step.index + 1, previewer(step.x0) if previewer is not None else None)
             bridge.check_interrupt()
+            if clear_every and (step.index + 1) % clear_every == 0:
+                bridge.soft_empty_cache()
 
-        return sampling.sample(lambda x, s, cap: model.dit(x, s, cap), noise, sigmas, cond, uncond=uncond, cfg=cfg,
-                               x_init=x_init, max_batch=max_batch, callback=on_step)
+        return sampling.sample(lambda x, s, cap: model.dit(x, s, cap), noise.to(dev), sigmas,
+                               positive.embeds.to(dev, compute), cfg=cfg, max_batch=max_batch, callback=on_step,
+                               uncond=uncond.embeds.to(dev, compute) if uncond is not None else None,
+                               x_init=x_init.to(dev) if x_init is not None else None)
 
-    with torch.inference_mode():
+    def run_eager_if_compile_fails(dev: torch.device) -> torch.Tensor:
         try:
-            x0 = run()
+            return run(dev)
         except Exception as exc:  # only a failing torch.compile is retried (eagerly); everything else propagates
             if not (dit_compile.is_enabled(model.dit) and dit_compile.is_compile_error(exc)):
                 raise
             dit_compile.disable(model.dit)
-            msg = f"torch.compile failed ({str(exc).strip().splitlines()[0][:200]}); ran without it"
+            msg = f"torch.compile failed ({dit_compile.describe_error(exc)}); ran without it"
             bridge.warn(msg)
             notes.append(msg)
-            x0 = run()
+            return run(dev)
+
+    req = P.Request(shape[3] * 8, shape[2] * 8, batch=shape[0], cfg_batch=2 if batched_cfg else 1,
+                    caption_tokens=max(positive.embeds.shape[1], uncond.embeds.shape[1] if uncond is not None else 0))
+    with torch.inference_mode():
+        x0, plan, dev = _with_dit(model, req, notes, run_eager_if_compile_fails)
         sampling.check_finite(x0, f"the DiT computing in {_name(compute)} (weights stored as "
                                   f"{_name(model.dit_dtypes[0])}) on {dev}; the sampler stops here rather "
                                   "than decode them into a black image")
         raw = vae_mod.model_to_raw(x0)
-    images = decode(model, raw)
+    images = decode(model, raw, tile_px=plan.vae_tile if plan is not None and plan.vae_tiled else 0)
     notes.insert(0, f"{n} DiT forwards, sigmas {[round(float(s), 4) for s in sigmas]}")
     return {"samples": raw.to(bridge.intermediate_device(), torch.float32)}, images, "\n".join(notes)
 
 
-def decode(model: ZImageModel, raw: torch.Tensor) -> torch.Tensor:
-    """Raw latent -> IMAGE [B, H, W, 3] float32 on the intermediate device, with the loader's VAE."""
+def _with_dit(model: ZImageModel, req: P.Request, notes: list[str], body):
+    """``body(device)`` with the DiT placed as the model's memory policy plans for ``req``
+    (policy_runtime.dit_session: resident, offloaded, block-streamed or on the CPU), stepping one mode
+    down and retrying once on CUDA out-of-memory when the policy allows. Returns (result, plan, device);
+    the plan is None when the DiT's device is not a GPU (as te_session does) or the model was built without
+    the policy's sizes: then the DiT is simply loaded on its device through ComfyUI's model management."""
+    if getattr(model, "sizes", None) is None or model.dit_patcher.load_device.type != "cuda":
+        bridge.load_on_device([model.dit_patcher])
+        return body(model.dit_patcher.load_device), None, model.dit_patcher.load_device
+    used: list = []
+
+    def attempt(plan: P.Plan):
+        dev = torch.device("cpu") if plan.mode is P.Mode.CPU else model.dit_patcher.load_device
+        used[:] = [plan, dev]
+        with policy_runtime.dit_session(model, plan):
+            return body(dev)
+
+    first = policy_runtime.plan_for(model, req, notes)
+    out = policy_runtime.run_with_fallback(model.policy, first, attempt,
+                                           lambda mode: policy_runtime.plan_for(model, req, notes, mode), notes)
+    return out, used[0], used[1]
+
+
+def decode(model: ZImageModel, raw: torch.Tensor, tile_px: int = 0) -> torch.Tensor:
+    """Raw latent -> IMAGE [B, H, W, 3] float32 on the intermediate device, with the loader's VAE
+    (in tiles of ``tile_px`` pixels, 64 px overlap, when the memory plan asks for it)."""
     bridge.load_on_device([model.vae_patcher])
     with torch.inference_mode():
+        if tile_px and max(raw.shape[2:]) * vae_mod.DOWNSCALE > tile_px:
+            return model.vae.decode_tiled(raw, tile_px, 64).to(bridge.intermediate_device(), torch.float32)
         return model.vae.decode(raw).to(bridge.intermediate_device(), torch.float32)
 
 

@@ -27,6 +27,7 @@ The orchestration (``refine``) takes a ``TileOps`` object, so tests run it with 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -50,7 +51,7 @@ MIN_OUTPUT_SIDE = 64     # smallest output side
 SCHEDULE, SHIFT = schedule.Schedule.TURBO, 3.0
 DOWN = vae_mod.DOWNSCALE
 
-ProgressFn = Callable[[int, int], None]        # (done, total) in tile-forwards
+ProgressFn = Callable[..., None]   # (done, total[, x0]) in tile-forwards; x0: a model-space latent to preview
 
 
 class BlendMode(str, Enum):
@@ -89,8 +90,9 @@ class TileOps(Protocol):
         """Raw latents [k,16,h,w] -> IMAGE [k,8h,8w,3]."""
 
     def sample(self, x_init: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-               on_step: Callable[[int], None]) -> torch.Tensor:
-        """img2img of a tile batch (model-space latents) -> model-space x0."""
+               on_step: Callable[..., None]) -> torch.Tensor:
+        """img2img of a tile batch (model-space latents) -> model-space x0; ``on_step(i, x0)`` after
+        every forward (x0 optional: the prediction, for previews)."""
 
     def velocity(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
         """One DiT forward over a tile batch (model space) -> v, float32."""
@@ -186,17 +188,24 @@ def target_size(in_w: int, in_h: int, scale_by: float, width: int, height: int,
 # ---------------------------------------------------------------- pixel operations
 
 def lanczos(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """IMAGE [B,H,W,C] -> [B,height,width,C] with Pillow's Lanczos filter in float32, clamped to 0..1."""
+    """IMAGE [B,H,W,C] -> [B,height,width,C] with Pillow's Lanczos filter in float32 (one "F" image
+    per channel, in threads: Pillow releases the GIL while resampling), clamped to 0..1."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from PIL import Image
     src = image.detach().float().cpu()
     if (src.shape[2], src.shape[1]) == (width, height):
         return src.clone()
-    out = torch.empty(src.shape[0], height, width, src.shape[3])
-    for b in range(src.shape[0]):
-        for c in range(src.shape[3]):
-            pil = Image.fromarray(src[b, :, :, c].contiguous().numpy())
-            out[b, :, :, c] = torch.from_numpy(np.array(pil.resize((width, height), Image.LANCZOS)))
-    return out.clamp_(0.0, 1.0)
+
+    def one(bc: tuple[int, int]) -> np.ndarray:
+        pil = Image.fromarray(src[bc[0], :, :, bc[1]].contiguous().numpy())
+        return np.array(pil.resize((width, height), Image.LANCZOS))
+
+    jobs = [(b, c) for b in range(src.shape[0]) for c in range(src.shape[3])]
+    with ThreadPoolExecutor(max_workers=min(len(jobs), 8)) as pool:
+        planes = list(pool.map(one, jobs))   # numpy only in the threads (inference mode is per thread)
+    out = torch.from_numpy(np.stack(planes).reshape(src.shape[0], src.shape[3], height, width))
+    return out.permute(0, 2, 3, 1).contiguous().clamp_(0.0, 1.0)
 
 
 def pad_to_grid(image: torch.Tensor) -> torch.Tensor:
@@ -241,7 +250,7 @@ def refine(image: torch.Tensor, s: Settings, ops: TileOps, noise: torch.Tensor, 
                     "offloads the DiT (block_swap or sequential), or set policy max_batch to 1")
         smaller = max(MIN_TILE, used // 2 // ALIGN * ALIGN)
         notes.append(f"out of GPU memory with {used} px tiles; retried with {smaller} px tiles")
-        bridge_warn(notes[-1])
+        bridge.warn(notes[-1])
         ops.recover()
         tile, overlap = smaller, min(overlap, smaller // 2 // ALIGN * ALIGN)
 
@@ -261,8 +270,8 @@ def _refine_pixels(image, layout: TileLayout, sigmas, noise, ops: TileOps, ramp:
         if n > 0:
             base = done
 
-            def on_step(i: int, base=base, k=len(batch)) -> None:
-                progress(base + (i + 1) * k, total)
+            def on_step(i: int, x0: Optional[torch.Tensor] = None, base=base, k=len(batch)) -> None:
+                progress(base + (i + 1) * k, total, x0)
                 check_interrupt()
 
             tile_noise = torch.cat([crop(noise, lat_tiles[t.index], False) for t in batch])
@@ -278,7 +287,8 @@ def _refine_pixels(image, layout: TileLayout, sigmas, noise, ops: TileOps, ramp:
 
 def _refine_latent(image, layout: TileLayout, sigmas, noise, ops: TileOps, max_batch: int,
                    progress: ProgressFn, check_interrupt) -> torch.Tensor:
-    vae_tile, vae_overlap = max(layout.tile_w, layout.tile_h), layout.overlap
+    vae_tile = max(layout.tile_w, layout.tile_h)
+    vae_overlap = min(layout.overlap, vae_tile // 2 // DOWN * DOWN)   # the VAE tiler wants <= half a tile
     x = vae_mod.raw_to_model(ops.encode_canvas(image, vae_tile, vae_overlap))
     n = len(sigmas) - 1
     lat = layout.scaled(DOWN)
@@ -302,13 +312,6 @@ def _refine_latent(image, layout: TileLayout, sigmas, noise, ops: TileOps, max_b
     out = ops.decode_canvas(vae_mod.model_to_raw(x), vae_tile, vae_overlap)
     progress(total, total)
     return out
-
-
-def bridge_warn(msg: str) -> None:
-    try:
-        bridge.warn(msg)
-    except Exception:  # logging only; never fail the run over it
-        pass
 
 
 # ---------------------------------------------------------------- the model behind TileOps
@@ -336,7 +339,7 @@ class ModelOps:
         bridge.load_on_device([self.model.dit_patcher])
         with torch.inference_mode():
             x0 = sampling.sample(self._dit, noise.to(self.device), sigmas, self.cond, x_init=x_init.to(self.device),
-                                 max_batch=self.max_batch, callback=lambda st: on_step(st.index))
+                                 max_batch=self.max_batch, callback=lambda st: on_step(st.index, st.x0))
             sampling.check_finite(x0, f"DiT compute dtype {str(self.compute).replace('torch.', '')}")
         return x0.to(bridge.intermediate_device(), torch.float32)
 
@@ -399,15 +402,21 @@ def upscale(model: runtime.ZImageModel, image: torch.Tensor, positive: runtime.Z
     big = pad_to_grid(big.to(bridge.intermediate_device()))
     ph, pw = big.shape[1:3]
 
-    ops = ops if ops is not None else ModelOps(model, positive, max_batch)
-    bar = _BatchProgress(b)
+    if ops is None:
+        ops = ModelOps(model, positive, max_batch)
+        previewer = bridge.live_previewer(ops.device)   # ComfyUI's preview method; None when off
+    else:
+        previewer = None
+    bar = _BatchProgress(b, previewer)
     outputs = []
     for i in range(b):
         noise = bridge.prepare_noise((1, vae_mod.LATENT_CHANNELS, ph // DOWN, pw // DOWN), (seed + i) % 2 ** 64)
         noise = noise.to(bridge.intermediate_device())
-        out, layout = refine(big[i:i + 1], settings, ops, noise, lambda d, t, i=i: bar(i, d, t),
+        out, layout = refine(big[i:i + 1], settings, ops, noise, lambda d, t, x0=None, i=i: bar(i, d, t, x0),
                              bridge.check_interrupt, notes)
         outputs.append(out[:, :out_h, :out_w, :].clamp(0.0, 1.0))
+        # the next images start from the tile that worked (the same layout unless a halving happened)
+        settings = dataclasses.replace(settings, tile=max(layout.tile_w, layout.tile_h), overlap=layout.overlap)
     result = torch.cat(outputs).to(bridge.intermediate_device(), torch.float32)
 
     report = [f"{b} image(s) {in_w}x{in_h} -> {out_w}x{out_h} ({how})",
@@ -425,15 +434,18 @@ def upscale(model: runtime.ZImageModel, image: torch.Tensor, positive: runtime.Z
 
 class _BatchProgress:
     """One ComfyUI progress bar over all images of the batch (re-made when the total changes,
-    e.g. after an out-of-memory halving)."""
+    e.g. after an out-of-memory halving), with a preview of the tile being refined when ComfyUI's
+    preview method is on."""
 
-    def __init__(self, images: int) -> None:
+    def __init__(self, images: int, previewer=None) -> None:
         self.images = images
+        self.previewer = previewer
         self.bar = None
         self.total = 0
 
-    def __call__(self, index: int, done: int, total: int) -> None:
+    def __call__(self, index: int, done: int, total: int, x0: Optional[torch.Tensor] = None) -> None:
         grand = total * self.images
         if self.bar is None or grand != self.total:
             self.bar, self.total = bridge.Progress(grand), grand
-        self.bar.update(index * total + done)
+        preview = self.previewer(x0[:1]) if self.previewer is not None and x0 is not None else None
+        self.bar.update(index * total + done, preview)

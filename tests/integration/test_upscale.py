@@ -7,6 +7,7 @@ import dataclasses
 import json
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,21 @@ from zimage_nodes.core import vae as V
 
 WORKFLOW = REPO / "workflows/api/z_image_turbo_t2i_4k_upscale.json"
 LOADER = json.loads(WORKFLOW.read_text())["1"]
+
+
+def test_the_node_is_registered_with_category_tooltips_and_description(comfy):
+    from zimage_nodes import ids
+    cls = comfy.node_class(ids.TILED_UPSCALE)
+    assert comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS[ids.TILED_UPSCALE] == "Z-Image Tiled Upscale"
+    assert cls.CATEGORY == ids.CAT_IMAGE == "Z-Image/image"
+    assert "batch" in cls.DESCRIPTION and "seed + i" in cls.DESCRIPTION
+    spec = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, (_type, opts) in spec[section].items():
+            assert opts.get("tooltip"), name
+    assert spec["optional"]["upscale_model"][0] == "UPSCALE_MODEL" and spec["optional"]["policy"][0] == ids.T_POLICY
+    assert spec["required"]["blend"][0] == ["feather", "cosine", "latent"]
+    assert cls.RETURN_TYPES[0] == "IMAGE" and all(cls.OUTPUT_TOOLTIPS)
 
 
 def test_the_4k_upscale_workflow_runs_with_sizes_shrunk(comfy):
@@ -64,7 +80,8 @@ def _a_good_prompt_still_runs(comfy):
 
 
 @pytest.mark.parametrize("image,upscale,expected", [
-    ({}, {"width": 9000}, ["`width` = 9000", "Expected: 0 (use scale_by) or up to 8192", "Fix: set width to at most 8192"]),
+    ({}, {"width": 9000},
+     ["`width` = 9000", "Expected: 0 (use scale_by) or up to 8192", "Fix: set width to at most 8192"]),
     ({"width": 600, "height": 600}, {"scale_by": 16.0},
      ["`scale_by` = 16.0 asks for 9600x9600 from a 600x600 image", "at most 8192 pixels", "scale_by <= 13.65"]),
     ({}, {"tile_size": 256, "overlap": 192},
@@ -84,6 +101,45 @@ def test_bad_inputs_fail_clearly_and_comfyui_stays_up(comfy, image, upscale, exp
     _a_good_prompt_still_runs(comfy)
 
 
+def test_interrupt_stops_between_tile_steps_and_the_next_prompt_runs(comfy):
+    """Cancelling (as the UI's button does) after tile 4 stops the node there: 256 -> 512 is 9 tiles of
+    one DiT forward (steps 2), so the bar's total is 9; nothing is reported after value 4."""
+    import comfy.model_management as mm
+    seen: list[int] = []
+
+    def on_progress(node, value, total):
+        if total == 9:
+            seen.append(int(value))
+            if value == 4:
+                mm.interrupt_current_processing(True)
+
+    result = comfy.run(_prompt({"width": 256, "height": 256}, steps=2, seed=next(_SEED)), on_progress=on_progress)
+    assert result.interrupted and not result.success and result.error is None
+    assert seen and max(seen) == 4
+    _a_good_prompt_still_runs(comfy)
+
+
+def test_previews_of_the_tile_being_refined_follow_the_preview_method(comfy, monkeypatch):
+    import comfy.utils as comfy_utils
+    from comfy.cli_args import LatentPreviewMethod, args
+    monkeypatch.setattr(args, "preview_method", LatentPreviewMethod.Latent2RGB)
+    inner, previews = comfy_utils.PROGRESS_BAR_HOOK, []
+
+    def hook(value, total, preview, prompt_id=None, node_id=None):
+        if total == 9:
+            previews.append(preview)
+        inner(value, total, preview, prompt_id=prompt_id, node_id=node_id)
+
+    comfy_utils.set_progress_bar_global_hook(hook)
+    try:
+        result = comfy.run(_prompt({"width": 256, "height": 256}, steps=2, seed=next(_SEED)))
+    finally:
+        comfy_utils.set_progress_bar_global_hook(inner)
+    assert result.success, result.error
+    frames = [p for p in previews if p is not None]
+    assert len(frames) == 9 and frames[0][0] == "JPEG" and frames[0][1].size == (224 // 8, 224 // 8)
+
+
 def test_an_empty_batch_is_refused_with_a_clear_message(comfy, loaded):
     """No core node makes an empty IMAGE, so the node is called directly here."""
     model, cond = loaded
@@ -97,7 +153,7 @@ def _preview_pixels(comfy, result, node="5") -> torch.Tensor:
     out = []
     for img in result.outputs[node]["images"]:
         path = comfy.base_dir / "temp" / img["subfolder"] / img["filename"]
-        out.append(torch.from_numpy(__import__("numpy").array(Image.open(path))))
+        out.append(torch.from_numpy(np.array(Image.open(path))))
     return torch.stack(out)
 
 
@@ -203,21 +259,24 @@ def test_denoise_0_equals_the_upscale_through_the_same_vae_untiled(loaded, blend
 
 
 def test_denoise_0_with_the_real_tiny_vae(loaded):
-    """The real (tiny, random) VAE: when the image fits one tile the result equals the untiled round
-    trip exactly; with 3x3 tiles it differs only where the VAE sees tile borders (GroupNorm over the
-    tile instead of the image, zero padding at the tile's edge), which no blending can undo. The
-    bound below is for these random weights (a trained VAE's tiles agree far better)."""
+    """The real (tiny, random) VAE. When the image fits one tile the result equals the untiled round
+    trip exactly. With 2 tiles it differs where the VAE sees tile borders (GroupNorm statistics of
+    the tile instead of the image, zero padding at the tile's edge): a property of the VAE, not of
+    the blending. With these random weights that difference is large (mean ~0.12 of the 0..1 range;
+    a trained VAE's tiles agree far better), so the check is that it is no larger than the VAE's own
+    tiled encode/decode (core.vae's tiler, same tile and overlap) gives."""
     model, cond = loaded
     m = dataclasses.replace(model, dit=NoDiT(model.dit))
-    image = _smooth_image(128, 128)
-    big = upscaler.lanczos(image, 256, 256)
+    image = _smooth_image(64, 64)
+    big = upscaler.lanczos(image, 128, 128)
     one_tile, report = upscaler.upscale(m, image, cond, 2.0, 0, 0, 256, 64, 0.0, 9, 0, "feather")
-    assert "1 tiles of 256x256" in report
+    assert "1 tiles of 128x128" in report
     assert (one_tile - model.vae.decode(model.vae.encode(big))).abs().max() <= 1e-5
-    image = _smooth_image(256, 256)
-    big = upscaler.lanczos(image, 512, 512)
+    image = _smooth_image(96, 160)
+    big = upscaler.lanczos(image, 320, 192)
     tiled, report = upscaler.upscale(m, image, cond, 2.0, 0, 0, 256, 64, 0.0, 9, 0, "feather")
-    assert "9 tiles of 224x224" in report
-    diff = (tiled - model.vae.decode(model.vae.encode(big))).abs()
-    print(f"tiny random VAE, 3x3 tiles vs untiled: mean {float(diff.mean()):.4f}, max {float(diff.max()):.4f}")
-    assert float(diff.mean()) <= 0.02, float(diff.mean())
+    assert "2 tiles of 192x192" in report
+    untiled = model.vae.decode(model.vae.encode(big))
+    ours = float((tiled - untiled).abs().mean())
+    vae_tiler = float((model.vae.decode_tiled(model.vae.encode_tiled(big, 192, 64), 192, 64) - untiled).abs().mean())
+    assert ours <= 1.1 * vae_tiler, (ours, vae_tiler)

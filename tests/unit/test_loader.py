@@ -431,3 +431,54 @@ def test_embedding_identity_names_the_files_and_the_dtypes(tiny_models: Path) ->
 def te_key_map_of(src: loader.Source) -> dict[str, str]:
     from zimage_nodes.core.text_encoder import te_key_map
     return te_key_map(src.shapes, src.prefix)
+
+
+def test_diffusers_subfolder_with_only_pickle_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+    folder = tmp_path / "text_encoder"
+    folder.mkdir()
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
+
+    def banned(*_a, **_k):
+        raise AssertionError("unpickled")
+    for obj, name in ((torch, "load"), (pickle, "load"), (pickle, "loads")):
+        monkeypatch.setattr(obj, name, banned)
+    with pytest.raises(CheckpointError) as e:
+        loader._shards(folder, Kind.QWEN3_TE, "diffusers_folder/text_encoder")
+    assert "pytorch_model.bin" in e.value.found and "safetensors" in e.value.fix
+
+
+def test_embedding_identity_survives_the_file_moving(tiny_models: Path, tmp_path: Path) -> None:
+    te = tmp_path / "qwen.safetensors"
+    shutil.copyfile(tiny_models / "text_encoders" / "qwen_3_4b.safetensors", te)
+    lazy = loader.LazyTextEncoder(loader._single(te, Kind.QWEN3_TE, "text_encoder_name"), CPU, BF16, BF16)
+    before = lazy.identity
+    te.unlink()
+    assert lazy.identity == before
+
+
+def test_scaled_fp8_repack_is_dequantized(tiny_models: Path, dit_reference, tmp_path: Path) -> None:
+    """ComfyUI's "scaled fp8" layout stores weight / scale in fp8 with ``<layer>.scale_weight`` beside it (and a
+    ``scaled_fp8`` marker): the loader multiplies the scale back in, for any storage dtype."""
+    from safetensors.torch import save_file
+    sd: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=FP8)}
+    want: dict[str, torch.Tensor] = {}
+    for k, ref in dit_reference.items():
+        if ref.ndim == 2 and k.endswith(".weight") and min(ref.shape) > 1:
+            scale = ref.abs().max() / 448.0
+            q = (ref / scale).to(FP8)
+            sd[k], sd[k[:-len("weight")] + "scale_weight"] = q, scale.reshape(())
+            want[k] = q.float().mul_(scale)
+        else:
+            sd[k] = ref.to(BF16)
+            want[k] = ref
+    save_file(sd, str(tmp_path / "z_image_turbo_fp8_scaled.safetensors"))
+    src = loader._single(tmp_path / "z_image_turbo_fp8_scaled.safetensors", Kind.ZIMAGE_DIT, "dit_name")
+    got = tensors(loader.load_dit(src, CPU, FP32, FP32))
+    for k, w in want.items():
+        assert torch.equal(got[k], w), k
+    assert (got["layers.0.attention.qkv.weight"] - dit_reference["layers.0.attention.qkv.weight"]).abs().max() \
+        < 0.1 * dit_reference["layers.0.attention.qkv.weight"].abs().max()
+    fp8 = tensors(loader.load_dit(src, CPU, FP8, BF16))
+    assert fp8["layers.0.attention.qkv.weight"].dtype == FP8
+    assert torch.equal(fp8["layers.0.attention.qkv.weight"], want["layers.0.attention.qkv.weight"].to(FP8))

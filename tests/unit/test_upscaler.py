@@ -106,7 +106,8 @@ def run(image, s, ops, noise=None, progress=None, interrupt=None):
     notes: list[str] = []
     if noise is None:
         noise = torch.randn(1, 16, image.shape[1] // 8, image.shape[2] // 8, generator=torch.Generator().manual_seed(1))
-    out, layout = U.refine(image, s, ops, noise, progress or (lambda d, t: None), interrupt or (lambda: None), notes)
+    out, layout = U.refine(image, s, ops, noise, progress or (lambda d, t, x0=None: None), interrupt or (lambda: None),
+                           notes)
     return out, layout, notes
 
 
@@ -182,7 +183,7 @@ def test_progress_counts_tile_forwards_and_ends_at_the_total():
     for blend in U.BlendMode:
         seen: list[tuple[int, int]] = []
         _, layout, _ = run(image, settings(blend=blend, steps=5, denoise=0.5), BlockOps(),
-                           progress=lambda d, t: seen.append((d, t)))
+                           progress=lambda d, t, x0=None: seen.append((d, t)))
         forwards = len(schedule.make_sigmas(U.SCHEDULE, 5, U.SHIFT, 0.5)) - 1
         total = len(layout) * forwards
         assert {t for _, t in seen} == {total}

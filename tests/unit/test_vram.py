@@ -24,7 +24,8 @@ class FakeProbe:
 
     cuda = True
 
-    def __init__(self) -> None:
+    def __init__(self, host_rss: int = 2 * GiB) -> None:
+        self.host_rss = host_rss
         self.allocated = 1 * GiB
         self.peak = self.allocated
         self.resets = 0
@@ -40,7 +41,7 @@ class FakeProbe:
         return "cuda:0 Fake GPU (NVML)"
 
     def snapshot(self) -> vram.Snapshot:
-        return vram.Snapshot(t=time.perf_counter(), host_rss=2 * GiB, host_used=8 * GiB, host_total=64 * GiB,
+        return vram.Snapshot(t=time.perf_counter(), host_rss=self.host_rss, host_used=8 * GiB, host_total=64 * GiB,
                              device_used=self.allocated + 512 * MiB, device_total=80 * GiB,
                              allocated=self.allocated, reserved=self.allocated + 256 * MiB,
                              peak_allocated=self.peak, gpu_util=97)
@@ -157,11 +158,26 @@ def test_recorder_gives_exact_per_node_peaks_and_marks_cached_nodes():
     assert spans["1"].peak_allocated == 7 * GiB
     assert spans["3"].peak_allocated == 11 * GiB   # the counter was reset at the node's start
     assert spans["3"].start_allocated == spans["3"].end_allocated == 7 * GiB
-    assert spans["2"].cached and spans["2"].peak is None
+    assert spans["2"].cached and spans["2"].peak(True) is None and spans["2"].peak(False) is None
     assert probe.resets == 2
     assert spans["1"].duration >= 0 and spans["3"].start >= spans["1"].end
     assert spans["3"].peak_device_used >= 7 * GiB + 512 * MiB and spans["3"].peak_rss == 2 * GiB
-    assert rec.timeline().peak_span.node_id == "3"
+    assert rec.timeline().peak_span().node_id == "3"
+
+
+def test_the_prompt_peak_is_a_vram_peak_of_a_finished_node_never_the_running_monitor():
+    probe = FakeProbe(host_rss=50 * GiB)   # host RSS far above any VRAM number
+    rec = vram.PromptRecorder(probe)
+    rec.node_started("3", "ZImageSampler")
+    probe.alloc(3 * GiB)
+    rec.node_finished("3", "ZImageSampler")
+    rec.node_started("9", "ZImageVRAMMonitor")
+    tl = rec.timeline()
+    assert tl.peak_span("9").node_id == "3" and tl.peak_span().node_id == "3"
+    text = vram.format_report(tl, probe.snapshot(), monitor_id="9")
+    assert "Prompt peak: 4.00 GiB in #3 ZImageSampler" in text
+    img, layout = vram.render_plot(tl, monitor_id="9")
+    assert [b[0] for b in layout.span_boxes] == ["3"]
 
 
 def test_overlapping_nodes_share_one_peak_counter():

@@ -10,10 +10,13 @@ Shapes and recompiles (``dynamic=False``, so each new shape compiles once and is
   (image tokens), one for the main blocks ([caption, image]): three per (batch, resolution,
   caption bucket);
 - the caption is padded to a multiple of ``cap_bucket`` (``ZImageDiT.cap_bucket``, default 128)
-  instead of ComfyUI's 32, so prompts of 20 and 100 tokens share a graph. The extra pad tokens are
-  attended like ComfyUI's own pad tokens, so a bucket other than 32 changes the result slightly
-  (tests/unit/test_sampling.py measures it); ``cap_bucket=32`` keeps ComfyUI's numerics exactly
-  and recompiles for every 32-token step of caption length;
+  instead of ComfyUI's 32, so prompts of 20 and 100 tokens share a graph. The pad tokens beyond
+  ComfyUI's 32-multiple are masked out of attention and the RoPE positions stay ComfyUI's, so the
+  image is the same as without compile up to rounding (fp32: identical on the CPU; bf16 on an H200:
+  compiled vs eager differ by ~2e-2 of the max, as inductor's fusions round differently). The mask
+  makes attention run as masked SDPA (no flash kernel): ~6 % slower per eager forward on an H200,
+  and compiled forwards were still ~14 % faster than eager ones (bench/check_sampler_gpu.py,
+  bench/results/h200_sampler_gpu.json, random weights);
 - dynamo's per-function recompile limit (8 by default) would be reached after two or three
   resolutions and then silently fall back to eager, so enabling raises it to ``RECOMPILE_LIMIT``.
 
@@ -92,3 +95,10 @@ def is_compile_error(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - every torch >= 2.0 has it
         return False
     return isinstance(exc, TorchDynamoException)
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming what actually failed inside a dynamo/inductor error (for the report)."""
+    inner = getattr(exc, "inner_exception", None) or exc.__cause__ or exc
+    text = " ".join(str(inner).split())
+    return f"{type(inner).__name__}: {text[:200]}" if text else type(inner).__name__

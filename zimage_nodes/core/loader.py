@@ -312,9 +312,18 @@ def _check_targets(module: torch.nn.Module, source: Source, targets: dict[str, T
 
 def _stream_into(module: torch.nn.Module, source: Source, targets: dict[str, Target], device: torch.device,
                  dtype_for: Callable[[str, TensorInfo], Optional[torch.dtype]],
-                 progress: Optional[ProgressFn]) -> None:
-    """Copy every mapped tensor from the files into the meta-built module, one tensor at a time."""
+                 progress: Optional[ProgressFn], scales: Optional[dict[str, torch.Tensor]] = None) -> None:
+    """Copy every mapped tensor from the files into the meta-built module, one tensor at a time.
+
+    ``scales`` (file key -> scale) dequantizes "scaled fp8" weights on the way: read in fp32, multiplied
+    by their scale on the device, then converted to the dtype ``dtype_for`` gives."""
     _check_targets(module, source, targets)
+    scales = scales or {}
+    infos = {k: i for h in source.headers for k, i in h.tensors.items()}
+
+    def read_dtype(key: str, info: TensorInfo) -> Optional[torch.dtype]:
+        return torch.float32 if key in scales else dtype_for(key, info)
+
     by_file: dict[Path, list[str]] = {}
     owner = source.file_of()
     for key in targets:
@@ -322,7 +331,10 @@ def _stream_into(module: torch.nn.Module, source: Source, targets: dict[str, Tar
     partial: dict[str, tuple[torch.Tensor, int]] = {}
     total, done = len(targets), 0
     for path, keys in by_file.items():
-        for key, tensor in stream_tensors(path, keys, device, dtype_for):
+        for key, tensor in stream_tensors(path, keys, device, read_dtype):
+            if key in scales:
+                want = dtype_for(key, infos[key]) or torch_dtype(infos[key])
+                tensor = tensor.mul_(scales[key].to(device)).to(want)
             name, index, pieces = targets[key]
             if pieces == 1:
                 set_module_tensor(module, name, tensor)
@@ -380,6 +392,21 @@ def resident_bytes(source: Source, storage: torch.dtype, compute: torch.dtype,
     return total
 
 
+def _read_scales(source: Source, targets: dict[str, Target]) -> dict[str, torch.Tensor]:
+    """The per-tensor scales of a "scaled fp8" repack (ComfyUI's: the weight stored as weight / scale in fp8,
+    the scale beside it as ``<layer>.scale_weight``): weight key -> fp32 scale on the CPU. Small tensors,
+    read before streaming."""
+    keys = [k for k in source.shapes if k.endswith(".scale_weight")
+            and k[:-len("scale_weight")] + "weight" in targets]
+    owner = source.file_of()
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted({owner[k].path for k in keys}):
+        names = [k for k in keys if owner[k].path == path]
+        for key, scale in stream_tensors(path, names, "cpu", lambda _n, _i: torch.float32):
+            out[key[:-len("scale_weight")] + "weight"] = scale
+    return out
+
+
 def load_dit(source: Source, device: torch.device, storage: torch.dtype, compute: torch.dtype,
              progress: Optional[ProgressFn] = None) -> dit_mod.ZImageDiT:
     shapes = source.shapes
@@ -387,7 +414,8 @@ def load_dit(source: Source, device: torch.device, storage: torch.dtype, compute
     cfg = dit_mod.dit_config_from_shapes(original_shapes(shapes, targets))
     with torch.device("meta"):
         model = dit_mod.ZImageDiT(cfg, dtype=compute)
-    _stream_into(model, source, targets, device, _float_dtype_for(storage, compute), progress)
+    _stream_into(model, source, targets, device, _float_dtype_for(storage, compute), progress,
+                 scales=_read_scales(source, targets))
     if model.norm_final.weight.is_meta:  # unused by the forward; diffusers folders lack it
         set_module_tensor(model, "norm_final.weight", torch.ones(cfg.dim, device=device, dtype=compute))
     _check_complete(model, source)
@@ -408,10 +436,14 @@ class LazyTextEncoder:
     compute: torch.dtype
     module: Optional[te_mod.ZImageTextEncoder] = None
 
+    def __post_init__(self) -> None:
+        # taken now: the files may be moved later, while the loaded model stays in use
+        self._identity = f"{self.source.identity};{_dtype_name(self.storage)}/{_dtype_name(self.compute)}"
+
     @property
     def identity(self) -> str:
-        """Keys the embedding cache: the files and the dtypes the embeddings are computed in."""
-        return f"{self.source.identity};{_dtype_name(self.storage)}/{_dtype_name(self.compute)}"
+        """Keys the embedding cache: the files (path, size, mtime at load) and the dtypes of the embeddings."""
+        return self._identity
 
     def _targets(self) -> dict[str, Target]:
         return {k: (v, 0, 1) for k, v in te_mod.te_key_map(self.source.shapes, self.source.prefix).items()}
@@ -426,15 +458,18 @@ class LazyTextEncoder:
         """Bytes the built encoder takes on its device."""
         return resident_bytes(self.source, self.storage, self.compute, self._targets())
 
-    def get(self, progress: Optional[ProgressFn] = None) -> te_mod.ZImageTextEncoder:
+    def get(self, progress: Optional[ProgressFn] = None,
+            device: Optional[torch.device] = None) -> te_mod.ZImageTextEncoder:
+        """Build and stream the encoder on first use (to ``device``, default its own; a memory policy
+        that streams its blocks loads it to host memory)."""
         if self.module is None:
             config = te_mod.qwen3_config_from_shapes(self.source.shapes, self.source.prefix)
             targets = self._targets()
             model = te_mod.build_text_encoder(config, device="meta", dtype=self.compute)
             if self.storage in FP8:
                 cast_linears(model)
-            _stream_into(model, self.source, targets, self.device, _float_dtype_for(self.storage, self.compute),
-                         progress)
+            _stream_into(model, self.source, targets, device or self.device,
+                         _float_dtype_for(self.storage, self.compute), progress)
             _check_complete(model, self.source)
             self.module = model.eval().requires_grad_(False)
         return self.module

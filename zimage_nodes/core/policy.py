@@ -70,6 +70,17 @@ class Policy:
     cache_clear_interval: int = 0   # empty the CUDA cache every N DiT forwards (0 = never)
     oom_fallback: bool = True
     notes: tuple[str, ...] = ()
+    # the last plan made with this policy (budget and predicted peak, bytes): the VRAM monitor, fed the
+    # same policy object, draws them beside what it measured
+    last: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def budget_bytes(self) -> Optional[int]:
+        return self.last.get("budget_bytes") or (int(self.budget_gb * GB) if self.budget_gb > 0 else None)
+
+    @property
+    def predicted_peak_bytes(self) -> Optional[int]:
+        return self.last.get("predicted_peak_bytes")
 
 
 @dataclass(frozen=True)
@@ -282,4 +293,5 @@ class BudgetError(InputError):
 
 
 def with_mode(policy: Policy, mode: Mode) -> Policy:
-    return replace(policy, mode=mode)
+    """The same settings with another mode (sharing ``last``, so the fallback's plan is the one recorded)."""
+    return replace(policy, mode=mode, last=policy.last)

@@ -93,7 +93,10 @@ def sample(model_fn: ModelFn, noise: torch.Tensor, sigmas: torch.Tensor, cond: t
     features; max_batch: largest batch per DiT call (0 = all at once).
     """
     host = sigmas.detach().to("cpu", torch.float32)
-    sig = host.to(noise.device)
+    if noise.device.type == "cuda":  # pinned + non_blocking: even the one copy of the schedule does not sync
+        sig = host.pin_memory().to(noise.device, non_blocking=True)
+    else:
+        sig = host.to(noise.device)
     x = start_latent(noise, sig[0], x_init)
     n = len(host) - 1
     b = x.shape[0]

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -191,10 +191,9 @@ class NodeSpan:
     def duration(self) -> Optional[float]:
         return None if self.end is None else self.end - self.start
 
-    @property
-    def peak(self) -> Optional[int]:
-        """The number the report and plot use: allocator peak on CUDA, RSS peak on the host."""
-        return self.peak_allocated if self.peak_allocated is not None else self.peak_rss
+    def peak(self, cuda: bool) -> Optional[int]:
+        """The number the report and plot use: the allocator's peak on CUDA, the RSS peak without."""
+        return self.peak_allocated if cuda else self.peak_rss
 
     def to_json(self, t0: float = 0.0) -> dict[str, Any]:
         d = asdict(self)
@@ -216,10 +215,11 @@ class Timeline:
     samples: list[Snapshot]
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def peak_span(self) -> Optional[NodeSpan]:
-        ran = [s for s in self.spans if not s.cached and s.peak is not None]
-        return max(ran, key=lambda s: s.peak) if ran else None
+    def peak_span(self, exclude: Optional[str] = None) -> Optional[NodeSpan]:
+        """The finished node with the highest peak (``exclude``: the monitor's own id)."""
+        ran = [s for s in self.spans if s.end is not None and not s.cached and s.node_id != exclude
+               and s.peak(self.cuda) is not None]
+        return max(ran, key=lambda s: s.peak(self.cuda)) if ran else None
 
 
 class _SamplerThread(threading.Thread):
@@ -378,13 +378,13 @@ def format_report(tl: Timeline, now: Snapshot, *, monitor_id: Optional[str] = No
         if tl.cuda:
             extra = (f"  device used max {fmt_bytes(s.peak_device_used)}  RSS max {fmt_bytes(s.peak_rss)}")
         shared = " (shared with an overlapping node)" if s.shared_peak else ""
-        lines.append(f"  #{s.node_id:<4} {s.label:<24} {s.duration:8.3f} s  {peak_name} {fmt_bytes(s.peak)}"
+        lines.append(f"  #{s.node_id:<4} {s.label:<24} {s.duration:8.3f} s  {peak_name} {fmt_bytes(s.peak(tl.cuda))}"
                      f"{shared}{extra}")
     running = [s for s in spans if s.end is None]
     for s in running:
         lines.append(f"  #{s.node_id:<4} {s.label:<24} still running")
-    top = tl.peak_span
-    measured = top.peak if top is not None else None
+    top = tl.peak_span(monitor_id)
+    measured = top.peak(tl.cuda) if top is not None else None
     if top is not None:
         lines.append(f"Prompt peak: {fmt_bytes(measured)} in #{top.node_id} {top.label}")
     if budget_bytes or predicted_peak:
@@ -423,7 +423,8 @@ class PlotLayout:
     height: int
     plot_box: tuple[int, int, int, int]       # left, top, right, bottom
     strip_box: tuple[int, int, int, int]      # the node span strip under the plot
-    span_boxes: tuple[tuple[str, tuple[int, int, int, int], tuple[int, int, int]], ...]  # node id, x0..x1 in strip, colour
+    # (node id, its box in the strip, its colour), one per node drawn
+    span_boxes: tuple[tuple[str, tuple[int, int, int, int], tuple[int, int, int]], ...]
 
 
 def plot_geometry(width: int, height: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
@@ -485,9 +486,10 @@ def render_plot(tl: Timeline, *, width: int = 1024, height: int = 512, budget_by
     t_start = min([tl.t0] + [s.start for s in spans] + [p[0] for v in series.values() for p in v[:1]])
     t_stop = max([tl.t_end] + [s.end for s in spans if s.end is not None])
     t_len = max(t_stop - t_start, 1e-3)
-    top_peak = tl.peak_span
-    measured = top_peak.peak if top_peak is not None else None
-    values = [v for pts in series.values() for _, v in pts] + [s.peak for s in spans if s.peak is not None]
+    top_peak = tl.peak_span(monitor_id)
+    measured = top_peak.peak(tl.cuda) if top_peak is not None else None
+    peaks = [s.peak(tl.cuda) for s in spans]
+    values = [v for pts in series.values() for _, v in pts] + [p for p in peaks if p is not None]
     values += [v for v in (budget_bytes, predicted_peak, measured) if v]
     y_max = max(values + [MiB]) * 1.08
     step = _nice_step(y_max / GiB) * GiB
@@ -534,13 +536,14 @@ def render_plot(tl: Timeline, *, width: int = 1024, height: int = 512, budget_by
         label = f"#{node_id} {s.label}"
         if draw.textlength(label, font=small) + 4 <= x1 - x0:
             draw.text((x0 + 2, top + 2), label, fill=tuple(c // 2 for c in color), font=small)
-        if s.peak is not None:
-            y = Y(s.peak)
+        peak = s.peak(tl.cuda)
+        if peak is not None:
+            y = Y(peak)
             dark = tuple(c * 2 // 3 for c in color)
             draw.line([(x0, y), (x1, y)], fill=dark, width=3)
             cx = (x0 + x1) / 2
             draw.polygon([(cx - 4, y - 7), (cx + 4, y - 7), (cx, y - 1)], fill=dark)
-            text = fmt_bytes(s.peak).replace(" GiB", "G").replace(" MiB", "M")
+            text = fmt_bytes(peak).replace(" GiB", "G").replace(" MiB", "M")
             if draw.textlength(text, font=small) + 4 <= max(x1 - x0, 40):
                 draw.text((cx, y - 8), text, fill=dark, font=small, anchor="mb")
 
@@ -644,11 +647,3 @@ def policy_numbers(policy: Any) -> tuple[Optional[int], Optional[int]]:
     predicted = getattr(policy, "predicted_peak_bytes", None)
     return (int(budget) if budget else None), (int(predicted) if predicted else None)
 
-
-def summarize(samples: Iterable[Snapshot]) -> dict[str, Optional[int]]:
-    """Largest value of each measure over samples (None where never measured)."""
-    out: dict[str, Optional[int]] = {}
-    for key in ("device_used", "allocated", "reserved", "host_rss"):
-        vals = [getattr(s, key) for s in samples if getattr(s, key) is not None]
-        out[key] = max(vals) if vals else None
-    return out

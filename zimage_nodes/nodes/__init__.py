@@ -6,6 +6,7 @@ from .. import ids
 from .loader import ZImageLoader, ZImageTextEncode
 from .sampler import ZImageSampler
 from .monitor import ZImageVRAMMonitor
+from .policy import ZImageMemoryPolicy
 from .upscale import ZImageTiledUpscale
 
 NODE_CLASS_MAPPINGS = {
@@ -13,6 +14,7 @@ NODE_CLASS_MAPPINGS = {
     ids.TEXT_ENCODE: ZImageTextEncode,
     ids.SAMPLER: ZImageSampler,
     ids.VRAM_MONITOR: ZImageVRAMMonitor,
+    ids.MEMORY_POLICY: ZImageMemoryPolicy,
     ids.TILED_UPSCALE: ZImageTiledUpscale,
 }
 
@@ -21,6 +23,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     ids.TEXT_ENCODE: "Z-Image Text Encode",
     ids.SAMPLER: "Z-Image Sampler (Turbo)",
     ids.VRAM_MONITOR: "Z-Image VRAM Monitor",
+    ids.MEMORY_POLICY: "Z-Image Memory Policy",
     ids.TILED_UPSCALE: "Z-Image Tiled Upscale",
 }
 

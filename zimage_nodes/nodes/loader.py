@@ -52,14 +52,18 @@ class ZImageLoader:
                 "embedding_cache_dir": ("STRING", {
                     "default": "", "tooltip": "Optional folder to keep prompt embeddings on disk between "
                                               "ComfyUI restarts (safetensors files). Empty = memory only."}),
+                "policy": (ids.T_POLICY, {
+                    "tooltip": "From Z-Image Memory Policy. Decides where the DiT is loaded (its GPU, or host "
+                               "memory when its blocks will stream) and its weight storage. Not connected: "
+                               "auto, shaped by ComfyUI's --lowvram/--novram/--highvram/--gpu-only flags."}),
             },
         }
 
     def load(self, dit_name, text_encoder_name, vae_name, diffusers_folder, dit_device, dit_dtype,
-             te_device, te_dtype, vae_device, vae_dtype, embedding_cache_dir=""):
+             te_device, te_dtype, vae_device, vae_dtype, embedding_cache_dir="", policy=None):
         model, report = runtime.load_model(dit_name, text_encoder_name, vae_name, diffusers_folder, dit_device,
                                            dit_dtype, te_device, te_dtype, vae_device, vae_dtype,
-                                           embedding_cache_dir)
+                                           embedding_cache_dir, policy)
         return {"ui": {"text": [report]}, "result": (model, report)}
 
 

@@ -1,6 +1,7 @@
 """ZImageVRAMMonitor: a pass-through node that reports memory per node of the running prompt."""
 from __future__ import annotations
 
+from .. import comfy_bridge as bridge
 from .. import ids, monitor
 
 
@@ -61,7 +62,10 @@ class ZImageVRAMMonitor:
         # ComfyUI calls this when a prompt starts, right after it creates the prompt's progress registry:
         # hook the recorder there. The constant result keeps normal caching (the monitor re-runs when
         # its inputs do).
-        monitor.arm()
+        try:
+            monitor.arm()
+        except Exception as e:  # measuring must never stop the prompt; the node says what is missing
+            bridge.warn(f"VRAM monitor could not hook this prompt: {type(e).__name__}: {e}")
         return ""
 
     def report(self, plot_width, plot_height, value=None, policy=None, unique_id=None):

@@ -8,7 +8,8 @@ from ..core.schedule import Schedule
 class ZImageSampler:
     DESCRIPTION = ("Samples Z-Image-Turbo with the official Turbo schedule (9 steps = 8 DiT forwards, shift 3) or "
                    "ComfyUI's template schedule, then decodes. Outputs a core LATENT (decodable by core VAE "
-                   "Decode with ae.safetensors) and an IMAGE. Seeds draw noise exactly as core KSampler does.")
+                   "Decode with ae.safetensors) and an IMAGE. Seeds draw noise exactly as core KSampler does. "
+                   "Progress and Cancel work per DiT step; live previews follow ComfyUI's preview method.")
     CATEGORY = ids.CAT_SAMPLING
     RETURN_TYPES = ("LATENT", "IMAGE", "STRING")
     RETURN_NAMES = ("latent", "image", "report")
