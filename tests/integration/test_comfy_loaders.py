@@ -31,7 +31,7 @@ def test_core_cliploader_loads_the_generated_qwen3_4b(tmp_path):
     code = f"""
 import sys, torch
 sys.path.insert(0, {str(REPO)!r})
-from tests.comfy_env import ensure_comfy_importable
+from zimage_nodes.testing.comfy import ensure_comfy_importable
 ensure_comfy_importable(__import__('pathlib').Path({str(tmp_path)!r}))
 from zimage_nodes.testing import weights
 path = __import__('pathlib').Path({str(tmp_path)!r}) / 'qwen_3_4b.safetensors'
