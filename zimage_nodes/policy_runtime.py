@@ -87,9 +87,6 @@ def streamed(module: torch.nn.Module, units: list[torch.nn.Module], device: torc
         yield streamer
     finally:
         streamer.remove()
-        for u in streamer.units:
-            if u.resident:
-                u.module.to("cpu")
         _move_other(module, units, torch.device("cpu"))
         gc.collect()
         bridge.soft_empty_cache()

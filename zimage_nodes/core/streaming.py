@@ -56,9 +56,9 @@ def _aligned(n: int, a: int = 256) -> int:
 class BlockStreamer:
     """Streams ``units`` (modules run in this order every forward) to ``device``.
 
-    install() moves the weights where they belong (resident ones to the device, the rest to pinned
-    host memory) and hooks the modules; remove() unhooks and leaves every weight on the host (pinned)
-    so the model can be dropped or moved by its owner.
+    install() pins every weight in host memory (once), copies the resident ones to the device and hooks
+    the modules; remove() unhooks and points every weight back at its pinned host copy (the device copies
+    are dropped, nothing is copied back), so the model can be dropped or moved by its owner.
     """
 
     def __init__(self, units: Sequence[nn.Module], device: torch.device, resident: int, prefetch: int = 2) -> None:
@@ -98,18 +98,14 @@ class BlockStreamer:
     def install(self) -> "BlockStreamer":
         pin = self.cuda
         for u in self.units:
-            named = _tensors(u.module)
-            if u.resident:
-                for n, t in named:
-                    _set(u.module, n, t.to(self.device))
-                continue
             u.host = []
-            for n, t in named:
+            for n, t in _tensors(u.module):
                 h = t.detach().to("cpu")
                 if pin and not h.is_pinned():
-                    h = h.pin_memory()
+                    h = h.pin_memory()  # once: remove() leaves these pinned copies in place
                 u.host.append(h)
-                _set(u.module, n, h)  # placeholder until its slot is filled
+                # resident: a device copy (fast from pinned memory); streamed: the host copy until its slot fills
+                _set(u.module, n, h.to(self.device, non_blocking=True) if u.resident else h)
         self.slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(self.n_slots)]
         self.slot_owner = [None] * self.n_slots
         self.slot_free = [None] * self.n_slots
@@ -122,7 +118,7 @@ class BlockStreamer:
         for h in self._handles:
             h.remove()
         self._handles = []
-        for u in self.streamed:
+        for u in self.units:  # every weight back to its pinned host copy: nothing to copy back
             for n, h in zip(u.names, u.host):
                 _set(u.module, n, h)
             u.slot, u.ready = None, None
