@@ -137,7 +137,7 @@ def check_tiling(tile_size: int, overlap: int, notes: list[str]) -> tuple[int, i
     if overlap < 0 or overlap % ALIGN:
         lo, hi = max(0, overlap // ALIGN * ALIGN), max(ALIGN, -(-overlap // ALIGN) * ALIGN)
         raise InputError(f"`overlap` = {overlap} is not a multiple of {ALIGN}.",
-                         expected=f"0, 16, 32, ... (tiles start on the DiT's 16-pixel grid; default 128)",
+                         expected="0, 16, 32, ... (tiles start on the DiT's 16-pixel grid; default 128)",
                          fix=f"set overlap to {lo} or {hi}")
     if tile_size < MIN_TILE:
         raise InputError(f"`tile_size` = {tile_size} is below {MIN_TILE}.",

@@ -20,7 +20,7 @@ from . import dit as dit_mod
 from . import text_encoder as te_mod
 from . import vae as vae_mod
 from .errors import CheckpointError, InputError
-from .identify import Kind, expect, identify
+from .identify import Kind, expect
 from .ops import cast_linears
 from .st_io import Header, TensorInfo, read_header, set_module_tensor, stream_tensors, torch_dtype
 
