@@ -13,6 +13,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config, items):
+    # soak-marked tests run only when asked for: `-m soak` (any -m naming soak) or ZIMAGE_SOAK=1
+    if "soak" not in (config.getoption("-m") or "").replace("not soak", "") and os.environ.get("ZIMAGE_SOAK") != "1":
+        skip_soak = pytest.mark.skip(reason="long soak: run with -m soak or ZIMAGE_SOAK=1")
+        for item in items:
+            if "soak" in item.keywords:
+                item.add_marker(skip_soak)
     import torch
     if torch.cuda.is_available():
         return

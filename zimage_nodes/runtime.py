@@ -6,6 +6,7 @@ output cache, so a second run of the same graph reads no file again.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import traceback
@@ -22,9 +23,53 @@ from .core import policy as P
 from .core import loader, sampling, schedule
 from .core import text_encoder as te_mod
 from .core import vae as vae_mod
-from .core.errors import InputError
+from .core import vram
+from .core.errors import InputError, ZImageError
 
 MIN_SIDE, MAX_SIDE = 256, 2048
+
+# ---------------------------------------------------------------- out of memory (one place)
+
+_OOM_INJECTED: set = set()
+
+
+def _maybe_inject_oom(stage: str) -> None:
+    """Test-only: ZIMAGE_TEST_INJECT_OOM="sample,decode,encode,load" makes each listed stage raise a CUDA
+    out-of-memory error once per process (so a retry succeeds). Unset (the default) it does nothing."""
+    wanted = os.environ.get("ZIMAGE_TEST_INJECT_OOM", "")
+    if wanted and stage in {s.strip() for s in wanted.split(",")} and stage not in _OOM_INJECTED:
+        _OOM_INJECTED.add(stage)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by ZIMAGE_TEST_INJECT_OOM)")
+
+
+class ZImageOutOfMemoryError(ZImageError):
+    """An out-of-memory error that escaped one of our stages, with core/vram.oom_report's forensic text."""
+
+    def __init__(self, text: str) -> None:
+        Exception.__init__(self, text)
+
+
+def _names_oom(node: str):
+    """Decorator: an out-of-memory error escaping the stage becomes ``ZImageOutOfMemoryError``, which names
+    ``node``, the error and the fix (core/vram.oom_report)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except ZImageOutOfMemoryError:
+                raise
+            except Exception as exc:
+                if not policy_runtime.is_oom(exc):
+                    raise
+                model = next((a for a in args if isinstance(a, ZImageModel)), None)
+                budget, predicted = vram.policy_numbers(getattr(model, "policy", None))
+                text = vram.oom_report(node, exc, {}, {}, budget, predicted, None, None)
+                bridge.warn(text.replace("\n", "; "))
+                _drop_locals(exc)  # the failed stage's tensors go now, not at the next gc
+                raise ZImageOutOfMemoryError(text) from exc
+        return inner
+    return wrap
 
 
 @dataclass
@@ -88,6 +133,7 @@ class _StageProgress:
             self._bar.update(self.total)
 
 
+@_names_oom("Z-Image Loader (staged)")
 def load_model(dit_name: str, text_encoder_name: str, vae_name: str, diffusers_folder: str,
                dit_device: str, dit_dtype: str, te_device: str, te_dtype: str,
                vae_device: str, vae_dtype: str, embedding_cache_dir: str = "",
@@ -104,6 +150,7 @@ def load_model(dit_name: str, text_encoder_name: str, vae_name: str, diffusers_f
                                         bridge.resolve_file(bridge.VAE_FOLDER, vae_name, "vae_name"),
                                         bridge.comfy_tokenizer_dir())
     tokenizer = loader.load_tokenizer(plan)
+    _maybe_inject_oom("load")
     notes = list(plan.notes)
     # every choice is checked before anything is allocated
     dev = bridge.resolve_device(dit_device, bridge.torch_device(), "dit_device")
@@ -206,6 +253,7 @@ def _name(dtype: torch.dtype) -> str:
 
 # ---------------------------------------------------------------- text encoding
 
+@_names_oom("Z-Image Text Encode")
 def encode_text(model: ZImageModel, text: str) -> tuple[ZImageConditioning, str]:
     """Prompt embedding from the cache, else from the text encoder, streamed to its device on first use
     (a progress bar in tensors) and handed to ComfyUI's model management."""
@@ -237,6 +285,7 @@ def encode_text(model: ZImageModel, text: str) -> tuple[ZImageConditioning, str]
         if streamed:
             note += f" (blocks streamed: {plan.describe()})"
         bridge.check_interrupt()
+        _maybe_inject_oom("encode")
         with policy_runtime.te_session(model, plan) as device, torch.inference_mode():
             out = module(torch.tensor([ids], device=device))
         embeds = out.to(bridge.intermediate_device(), torch.float32)
@@ -327,6 +376,7 @@ def _use_compile(model: ZImageModel, compile_mode: str, notes: list[str]) -> Non
                  f"{model.dit.cap_bucket} tokens, masked); the first run of a new size compiles")
 
 
+@_names_oom("Z-Image Sampler (Turbo)")
 def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height: int, seed: int, steps: int,
            schedule_name: str, shift: float, cfg: float, batch_size: int, max_batch: int, denoise: float,
            negative: Optional[ZImageConditioning] = None, latent: Optional[dict] = None,
@@ -382,6 +432,7 @@ def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height:
     def run(dev: torch.device) -> torch.Tensor:
         # previews follow ComfyUI's preview method (off by default in 0.3.75), one per step when on;
         # a preview is the only thing in the loop that reads the device (one small copy per step)
+        _maybe_inject_oom("sample")  # inside the attempt run under policy_runtime.run_with_fallback
         previewer = bridge.live_previewer(dev)
         progress = bridge.Progress(n)
 
@@ -447,6 +498,7 @@ def _with_dit(model: ZImageModel, req: P.Request, notes: list[str], body):
 def decode(model: ZImageModel, raw: torch.Tensor, tile_px: int = 0) -> torch.Tensor:
     """Raw latent -> IMAGE [B, H, W, 3] float32 on the intermediate device, with the loader's VAE
     (in tiles of ``tile_px`` pixels, 64 px overlap, when the memory plan asks for it)."""
+    _maybe_inject_oom("decode")
     bridge.load_on_device([model.vae_patcher])
     with torch.inference_mode():
         if tile_px and max(raw.shape[2:]) * vae_mod.DOWNSCALE > tile_px:
