@@ -45,18 +45,17 @@ LIMIT_FACTOR = 1.3
 # ---------------------------------------------------------------- files
 
 def paths(root: Path) -> dict[str, Path]:
-    m = root / "models"
-    return {"dit": m / "diffusion_models" / "z_image_turbo_bf16.safetensors",
-            "te": m / "text_encoders" / "qwen_3_4b.safetensors", "vae": m / "vae" / "ae.safetensors"}
+    from zimage_nodes.testing import weights
+    return weights.single_files(root / "models")
 
 
 def generate(root: Path, scale: str = "full") -> float:
     """Write the single files unless present; returns the seconds spent."""
+    from zimage_nodes.testing import weights
     if all(p.is_file() for p in paths(root).values()):
         return 0.0
-    from zimage_nodes.testing import weights
     t = time.perf_counter()
-    weights.write_all(root / "models", scale=scale, layouts=("single",))
+    weights.ensure_single_files(root / "models", scale)
     os.sync()
     return time.perf_counter() - t
 

@@ -62,20 +62,15 @@ def rss() -> int:
 
 
 def weight_paths(root: Path) -> dict[str, Path]:
-    m = root / "models"
-    return {"dit": m / "diffusion_models" / "z_image_turbo_bf16.safetensors",
-            "te": m / "text_encoders" / "qwen_3_4b.safetensors", "vae": m / "vae" / "ae.safetensors"}
+    from zimage_nodes.testing import weights
+    return weights.single_files(root / "models")
 
 
 def generate(root: Path) -> None:
-    paths = weight_paths(root)
-    if all(p.exists() for p in paths.values()):
-        return
     from zimage_nodes.testing import weights
     t = time.time()
-    weights.write_all(root / "models", scale="full", layouts=("single",),
-                      tokenizer_src=_tokenizer_dir())
-    print(f"[bench] wrote full-size weights in {time.time() - t:.0f}s", flush=True)
+    weights.ensure_single_files(root / "models")
+    print(f"[bench] full-size weights ready in {time.time() - t:.0f}s", flush=True)
 
 
 def _tokenizer_dir() -> Path:

@@ -31,21 +31,11 @@ GB = 1024 ** 3
 CAP_TOKENS = 128
 
 
-def weight_paths(root: Path) -> dict[str, Path]:
-    m = root / "models"
-    return {"dit": m / "diffusion_models" / "z_image_turbo_bf16.safetensors",
-            "te": m / "text_encoders" / "qwen_3_4b.safetensors", "vae": m / "vae" / "ae.safetensors"}
-
-
 def generate(root: Path) -> None:
-    if all(p.exists() for p in weight_paths(root).values()):
-        return
     from zimage_nodes.testing import weights
-    from zimage_nodes.testing.comfy import comfy_root
     t = time.time()
-    weights.write_all(root / "models", scale="full", layouts=("single",),
-                      tokenizer_src=comfy_root() / "comfy" / "text_encoders" / "qwen25_tokenizer")
-    print(f"[bench] wrote full-size weights in {time.time() - t:.0f}s", flush=True)
+    weights.ensure_single_files(root / "models")
+    print(f"[bench] full-size weights ready in {time.time() - t:.0f}s", flush=True)
 
 
 def smooth_image(size: int, seed: int = 0):

@@ -25,10 +25,8 @@ def main() -> int:
     import torch
     from PIL import Image
     from zimage_nodes.testing import weights
-    from zimage_nodes.testing.comfy import InProcessComfy, comfy_root
-    if not (args.weights / "models" / "diffusion_models" / "z_image_turbo_bf16.safetensors").exists():
-        weights.write_all(args.weights / "models", scale="full", layouts=("single",),
-                          tokenizer_src=comfy_root() / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    from zimage_nodes.testing.comfy import InProcessComfy
+    weights.ensure_single_files(args.weights / "models")
     comfy = InProcessComfy.get(args.weights)
     prompt = copy.deepcopy(json.loads((REPO / "workflows/api/z_image_turbo_t2i_low_vram.json").read_text()))
     prompt["5"]["inputs"]["vram_budget_gb"] = args.budget_gb

@@ -109,20 +109,6 @@ def check_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
-def latent_preview(x0_raw: torch.Tensor, max_size: int = 256):
-    """A cheap preview of a raw Flux latent: ComfyUI's linear latent->RGB factors, as a JPEG tuple."""
-    import comfy.latent_formats
-    from PIL import Image
-    fmt = comfy.latent_formats.Flux()
-    factors = torch.tensor(fmt.latent_rgb_factors, dtype=torch.float32, device=x0_raw.device)
-    bias = torch.tensor(fmt.latent_rgb_factors_bias or [0.0, 0.0, 0.0], dtype=torch.float32, device=x0_raw.device)
-    rgb = torch.einsum("chw,cr->hwr", x0_raw[0].float(), factors) + bias
-    img = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).cpu().numpy()
-    pil = Image.fromarray(img)
-    pil.thumbnail((max_size, max_size))
-    return ("JPEG", pil, max_size)
-
-
 def live_previewer(device: torch.device):
     """ComfyUI's own live preview for the Flux latent format, as core samplers get it: None when the
     preview method is "none" (0.3.75's default; --preview-method, or the per-prompt choice newer

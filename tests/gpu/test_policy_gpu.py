@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.comfy_env import REPO, InProcessComfy, comfy_root
+from tests.comfy_env import REPO, InProcessComfy
 
 pytestmark = pytest.mark.gpu
 GB = 1024 ** 3
@@ -20,10 +20,8 @@ GB = 1024 ** 3
 @pytest.fixture(scope="module")
 def gpu_comfy():
     root = Path(os.environ.get("ZIMAGE_GPU_WEIGHTS", "/tmp/zw"))
-    if not (root / "models" / "diffusion_models" / "z_image_turbo_bf16.safetensors").exists():
-        from zimage_nodes.testing import weights
-        weights.write_all(root / "models", scale="full", layouts=("single",),
-                          tokenizer_src=comfy_root() / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    from zimage_nodes.testing import weights
+    weights.ensure_single_files(root / "models")
     return InProcessComfy.get(root)
 
 

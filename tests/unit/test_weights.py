@@ -289,3 +289,12 @@ def test_write_all_returns_paths(tiny_models: Path) -> None:
         w.write_all(tiny_models / "unused", "tiny", None)
     with pytest.raises(ValueError, match="scale"):
         w.write_all(tiny_models / "unused", "huge", None)
+
+
+def test_ensure_single_files_writes_once_and_then_reuses(tmp_path):
+    paths = w.ensure_single_files(tmp_path / "models", "tiny")
+    assert {p.name for p in paths.values()} == {"z_image_turbo_bf16.safetensors", "qwen_3_4b.safetensors",
+                                                 "ae.safetensors"}
+    stamps = {k: p.stat().st_mtime_ns for k, p in paths.items()}
+    assert w.ensure_single_files(tmp_path / "models", "tiny") == paths
+    assert {k: p.stat().st_mtime_ns for k, p in paths.items()} == stamps

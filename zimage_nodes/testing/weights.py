@@ -529,6 +529,9 @@ def write_tokenizer(folder: Path, tokenizer_src: Path) -> list[Path]:
     return [folder / n for n in (*names, "tokenizer.json")]
 
 
+# The single files users have: component -> (ComfyUI model folder, file name).
+SINGLE_FILES = {"dit": ("diffusion_models", "z_image_turbo_bf16.safetensors"),
+                "te": ("text_encoders", "qwen_3_4b.safetensors"), "vae": ("vae", "ae.safetensors")}
 LAYOUTS = ("single", "fp8", "prefixed", "diffusers")
 COMPONENTS = ("dit", "te", "vae")
 
@@ -559,15 +562,15 @@ def write_all(models_dir: Path, scale: str = "tiny", tokenizer_src: Path | None 
 
     if "dit" in only:
         dm = models_dir / "diffusion_models"
-        write_dit(keep("dit", dm / "z_image_turbo_bf16.safetensors", single), s.dit, seed=seed, dtype=dtype,
+        write_dit(keep("dit", dm / SINGLE_FILES["dit"][1], single), s.dit, seed=seed, dtype=dtype,
                   fp8_path=keep("dit_fp8", dm / "z_image_turbo_fp8_e4m3fn.safetensors", "fp8" in layouts),
                   prefixed_path=keep("dit_prefixed", dm / "z_image_turbo_prefixed.safetensors", "prefixed" in layouts),
                   diffusers_dir=folder / "transformer" if diffusers else None)
     if "te" in only:
-        write_te(keep("te", models_dir / "text_encoders" / "qwen_3_4b.safetensors", single), s.te, seed=seed,
+        write_te(keep("te", models_dir.joinpath(*SINGLE_FILES["te"]), single), s.te, seed=seed,
                  dtype=dtype, diffusers_dir=folder / "text_encoder" if diffusers else None)
     if "vae" in only:
-        write_vae(keep("vae", models_dir / "vae" / "ae.safetensors", single), s.vae, seed=seed, dtype=dtype,
+        write_vae(keep("vae", models_dir.joinpath(*SINGLE_FILES["vae"]), single), s.vae, seed=seed, dtype=dtype,
                   diffusers_dir=folder / "vae" if diffusers else None)
     if diffusers:
         _write_json(folder / "model_index.json", MODEL_INDEX)
@@ -575,6 +578,19 @@ def write_all(models_dir: Path, scale: str = "tiny", tokenizer_src: Path | None 
         write_tokenizer(folder / "tokenizer", Path(tokenizer_src))
         out["diffusers"] = folder
     return out
+
+
+def single_files(models_dir: Path) -> dict[str, Path]:
+    """Where the three single files are (or go) under a ComfyUI models folder."""
+    return {k: Path(models_dir).joinpath(*v) for k, v in SINGLE_FILES.items()}
+
+
+def ensure_single_files(models_dir: Path, scale: str = "full") -> dict[str, Path]:
+    """The three single files, written (``scale``) unless all are there already: benchmarks reuse them."""
+    paths = single_files(models_dir)
+    if not all(p.is_file() for p in paths.values()):
+        write_all(models_dir, scale=scale, layouts=("single",))
+    return paths
 
 
 # ---------------------------------------------------------------- command line
