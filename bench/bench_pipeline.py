@@ -7,7 +7,11 @@ Writes full-size random-weight checkpoints in the real single-file layouts (once
 then runs each (peer, VRAM cap) in its own process so caps and caches never leak between runs:
 - ours: the pack's core modules called directly (the code the nodes call): staged loader, DiT,
   the memory plan of core/policy.plan for the cap (block streaming below the DiT's size), Turbo
-  schedule (8 forwards), VAE decode (tiled when the plan says so);
+  schedule (8 forwards), VAE decode (tiled when the plan says so); the DiT blocks compiled when
+  resident, as the sampler's compile=auto does (--compile off for eager); s/forward = DiT time / 8;
+- ours_fp8: the same with the DiT's block linears converted to fp8 (per-tensor scales) with fp8
+  matmuls (the policy's fp8_fast), and the mean absolute difference of the image (0..1) from the
+  bf16 image of the same seed and caption;
 - comfy: ComfyUI 0.3.75's own functions with the official template's settings (load_diffusion_model
   = UNETLoader, ModelSamplingAuraFlow shift 3 as an object patch, comfy.sample.sample = KSampler with
   res_multistep / simple / 9 steps / cfg 1, comfy.sd.VAE decode = VAEDecode), with --reserve-vram
@@ -33,6 +37,7 @@ sys.path.insert(0, str(REPO))
 GB = 1024 ** 3
 W = H = 1024
 CAP_TOKENS = 128
+COMPILE = True  # --compile off turns it off (in the workers too)
 FLOP_PER_FORWARD = 56.6e12  # 1024x1024, 128 caption tokens (zimage.md)
 
 
@@ -87,9 +92,9 @@ def fake_caption(dim: int = 2560):
 
 # ---------------------------------------------------------------- workers (one process each)
 
-def worker_ours(root: Path, cap: float, runs: int) -> dict:
+def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False) -> dict:
     import torch
-    from zimage_nodes.core import loader, policy as P, sampling, schedule, vae as vae_mod
+    from zimage_nodes.core import compile as dit_compile, loader, policy as P, sampling, schedule, vae as vae_mod
     from zimage_nodes.core.streaming import BlockStreamer
     paths = weight_paths(root)
     dev = torch.device("cuda")
@@ -118,6 +123,22 @@ def worker_ours(root: Path, cap: float, runs: int) -> dict:
     cap_feats = fake_caption().to(dev, torch.bfloat16)
     sigmas = schedule.make_sigmas("turbo", 9)
     fwd_times: list[float] = []
+    compiled = COMPILE and not streamed  # the sampler's compile=auto: resident DiT on CUDA
+    if compiled:
+        dit_compile.enable(dit)
+    mad = latent_rel = None
+    if fp8:  # the bf16 image of seed 1 first, then the same DiT converted in place (fp8_fast)
+        from zimage_nodes.core import ops
+        g = torch.Generator().manual_seed(1)
+        noise = torch.randn(1, 16, H // 8, W // 8, generator=g).to(dev)
+        with torch.inference_mode():
+            ref_x0 = sampling.sample(dit, noise, sigmas, cap_feats)
+            ref_img = vae.decode(vae_mod.model_to_raw(ref_x0)).float()
+        ops.quantize_linears_fp8(dit, fp8_matmul=True)
+        torch._dynamo.reset()
+        if compiled:
+            dit_compile.disable(dit)
+            dit_compile.enable(dit)
 
     def model_fn(x, s, c):
         return dit(x, s, c)
@@ -137,13 +158,23 @@ def worker_ours(root: Path, cap: float, runs: int) -> dict:
     one(0)  # warm-up
     torch.cuda.reset_peak_memory_stats()
     res = [one(i + 1) for i in range(runs)]
-    with torch.inference_mode():  # per-forward time, resident or streamed, after the image runs
+    with torch.inference_mode():  # one forward alone (launch latency not hidden by the loop), for reference
         x = torch.randn(1, 16, H // 8, W // 8, device=dev)
         for _ in range(3):
             fwd_times.append(cuda_time(lambda: dit(x, torch.tensor([0.5], device=dev), cap_feats))[1])
-    return {"peer": "ours", "cap": cap, "mode": mplan.describe(), "dit_s": statistics.median(r[0] for r in res),
+        if fp8:
+            g = torch.Generator().manual_seed(1)
+            noise = torch.randn(1, 16, H // 8, W // 8, generator=g).to(dev)
+            x0 = sampling.sample(dit, noise, sigmas, cap_feats)
+            img = vae.decode(vae_mod.model_to_raw(x0)).float()  # IMAGE, 0..1
+            mad = float((img - ref_img).abs().mean())
+            latent_rel = float((x0.float() - ref_x0.float()).norm() / ref_x0.float().norm())
+    dit_s = statistics.median(r[0] for r in res)
+    mode = mplan.describe() + (", compiled" if compiled else "") + (", fp8 matmuls" if fp8 else "")
+    return {"peer": "ours_fp8" if fp8 else "ours", "cap": cap, "mode": mode, "dit_s": dit_s,
             "vae_s": statistics.median(r[1] for r in res), "finite": all(r[2] for r in res),
-            "fwd_s": statistics.median(fwd_times), "peak_gb": torch.cuda.max_memory_allocated() / GB,
+            "fwd_s": dit_s / (len(sigmas) - 1), "fwd_alone_s": statistics.median(fwd_times),
+            "image_mad_vs_bf16": mad, "latent_rel_l2_vs_bf16": latent_rel, "peak_gb": torch.cuda.max_memory_allocated() / GB,
             "predicted_gb": mplan.peak / GB, "load_s": load_s,
             "rss_gb": (rss() - base_rss) / GB, "streamed_gb_per_fwd":
                 (sum(u.nbytes for u in streamer.streamed) / GB) if streamer else 0.0}
@@ -346,7 +377,11 @@ def ceilings() -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda}
 
 
-WORKERS = {"ours": worker_ours, "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib,
+def worker_ours_fp8(root: Path, cap: float, runs: int) -> dict:
+    return worker_ours(root, cap, runs, fp8=True)
+
+
+WORKERS = {"ours": worker_ours, "ours_fp8": worker_ours_fp8, "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib,
            "modes": worker_modes}
 
 
@@ -373,6 +408,9 @@ def table(rows: list[dict], ceil: dict, driver: str) -> str:
         floor = max(floor_fwd, r.get("streamed_gb_per_fwd", 0) * GB / (ceil["h2d_gbs"] * 1e9))
         pred = f"{r['predicted_gb']:.2f}" if "predicted_gb" in r else "-"
         fin = "" if r["finite"] else " (NaN!)"
+        if r.get("image_mad_vs_bf16") is not None:
+            r = {**r, "mode": f"{r['mode']}; vs bf16, same seed: image mean abs diff {r['image_mad_vs_bf16']:.4f} "
+                              f"(0..1 scale), latent relative L2 {r['latent_rel_l2_vs_bf16']:.3f}"}
         out.append(f"| {r['peer']} | {r['cap'] or 'card'} | {r['mode']} | {r['dit_s']:.3f}{fin} | {r['fwd_s']:.3f} | "
                    f"{r['vae_s']:.3f} | {img:.3f} | {ratio} | {r['fwd_s'] / floor:.2f} | {r['peak_gb']:.2f} | {pred} | "
                    f"{r['load_s']:.1f} |")
@@ -401,10 +439,14 @@ def main() -> int:
     ap.add_argument("--caps", default="0", help="comma-separated VRAM caps in GB (0 = whole card)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", help="markdown file to write the table to")
+    ap.add_argument("--compile", choices=("auto", "off"), default="auto",
+                    help="ours: compile the DiT blocks when resident (the sampler's default), or not")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = Path(args.weights)
+    global COMPILE
+    COMPILE = args.compile == "auto"
     if args.worker:
         try:
             print("RESULT " + json.dumps(WORKERS[args.worker](root, args.cap, args.runs)), flush=True)
@@ -422,7 +464,8 @@ def main() -> int:
         for peer in args.peers.split(","):
             t = time.time()
             out = subprocess.run([sys.executable, __file__, "--weights", str(root), "--worker", peer,
-                                  "--cap", str(cap), "--runs", str(args.runs)], capture_output=True, text=True)
+                                  "--cap", str(cap), "--runs", str(args.runs), "--compile", args.compile],
+                                 capture_output=True, text=True)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             row = json.loads(line[7:]) if line else {"peer": peer, "cap": cap, "error": out.stderr[-300:]}
             rows.append(row)

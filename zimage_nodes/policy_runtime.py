@@ -179,11 +179,12 @@ def make_policy(mode: str, budget_gb: float, dit_weights: str, attention: str, v
         if reason:
             notes.append(reason)
             attention = backend
-    if w is P.DiTWeights.FP8_FAST and not _has_fp8_matmul():
-        notes.append("fp8_fast: this GPU has no fp8 matmuls (needs compute capability 8.9+); using fp8 storage "
-                     "with bf16 matmuls")
-        w = P.DiTWeights.FP8
     device = bridge.torch_device()
+    if w is P.DiTWeights.FP8_FAST:
+        reason = fp8_matmul_unavailable(torch.device("cpu") if m is P.Mode.CPU else device)
+        if reason:
+            notes.append(f"fp8_fast: {reason}; using fp8 storage (per-tensor scales) with bf16 matmuls")
+            w = P.DiTWeights.FP8
     if budget_gb > 0 and device.type == "cuda":
         total = bridge.total_vram(device) / P.GB
         if budget_gb > total:
@@ -199,8 +200,23 @@ def make_policy(mode: str, budget_gb: float, dit_weights: str, attention: str, v
     return policy, "\n".join([text, *notes])
 
 
-def _has_fp8_matmul() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9) and hasattr(torch, "_scaled_mm")
+def _has_fp8_matmul(device: Optional[torch.device] = None) -> bool:
+    """Whether the (default) CUDA device has fp8 tensor-core matmuls: compute capability 8.9+ (Ada, Hopper,
+    Blackwell) and ``torch._scaled_mm``."""
+    if not (torch.cuda.is_available() and hasattr(torch, "_scaled_mm")):
+        return False
+    if device is not None and device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_matmul_unavailable(device: torch.device) -> Optional[str]:
+    """Why the DiT on ``device`` cannot use fp8 matmuls, or None when it can."""
+    if device.type != "cuda":
+        return f"fp8 matmuls need a CUDA GPU (the DiT runs on {device.type})"
+    if not _has_fp8_matmul(device):
+        return "this GPU has no fp8 matmuls (needs compute capability 8.9+ and torch._scaled_mm)"
+    return None
 
 
 # ---------------------------------------------------------------- planning a run for a loaded model
@@ -228,11 +244,22 @@ def held_bytes(model) -> int:
             + (s.te if _on_cuda(model.te.module) else 0))
 
 
-def plan_for(model, req: P.Request, notes: list[str], mode: Optional[P.Mode] = None) -> P.Plan:
-    """Resolve the model's policy for one run (``mode`` forces a mode, for the OOM fallback)."""
+RETRY_BUDGET_FRACTION = 0.8  # after an out-of-memory error the retry plans for this much of the budget
+
+
+def plan_for(model, req: P.Request, notes: list[str], mode: Optional[P.Mode] = None,
+             after_oom: bool = False) -> P.Plan:
+    """Resolve the model's policy for one run (``mode`` forces a mode, for the OOM fallback).
+
+    ``after_oom``: the retry after an out-of-memory error plans for ``RETRY_BUDGET_FRACTION`` of the
+    budget (measured again, now that the failed attempt's memory is released): the error proved that the
+    estimate or the card's free memory was off, and the allocator's cache may be fragmented. On an H200
+    (bench/oom_gpu.py) a retry planned to the full 11.6 GB that was free ran out of memory again."""
     policy = model.policy if mode is None else P.with_mode(model.policy, mode)
     device = model.dit_patcher.load_device
     budget = budget_bytes(policy, device, held_bytes(model), notes)
+    if after_oom and budget:
+        budget = int(budget * RETRY_BUDGET_FRACTION)
     plan = P.plan(policy, model.sizes, req, budget, has_cuda=device.type == "cuda")
     notes.extend(n for n in plan.notes if n not in notes)
     policy.last.update(budget_bytes=plan.budget or None, predicted_peak_bytes=plan.peak or None, mode=plan.mode.value)
@@ -250,9 +277,33 @@ def load_device_for_dit(policy: P.Policy, sizes: P.Sizes, device: torch.device, 
 
 
 def storage_override(policy: P.Policy, dit_dtype: str, notes: list[str]) -> str:
-    """The policy's DiT weight storage wins over the loader's dtype choice when it asks for fp8."""
+    """The policy's DiT weight storage wins over the loader's dtype choice when it asks for fp8 (e4m3: the
+    format of the fp8 matmuls and of ComfyUI's fp8 repacks). ``notes`` is kept for callers' symmetry; the
+    loader says what is in effect (``prepare_dit_weights``)."""
     if policy.dit_weights is P.DiTWeights.BF16:
         return dit_dtype
-    if policy.dit_weights is P.DiTWeights.FP8_FAST:
-        notes.append("fp8_fast: fp8 matmul kernels are not implemented yet; fp8 storage with bf16 matmuls")
     return "fp8_e4m3fn"
+
+
+def prepare_dit_weights(dit: torch.nn.Module, policy: P.Policy, storage: torch.dtype, compute: torch.dtype,
+                        device: torch.device) -> Optional[str]:
+    """Set the loaded DiT's matmuls up for the policy (``device``: where it runs) and say what is in effect:
+    fp8 storage has per-tensor scales (core/ops.py); ``fp8_fast`` turns on fp8 matmuls (torch._scaled_mm)
+    for the blocks' attention and feed-forward linears when the GPU has them, else says why not. None for
+    storage that is not fp8."""
+    from .core import ops
+    if storage not in ops.FP8_DTYPES:
+        return None
+    head = f"DiT: fp8 weights ({str(storage).replace('torch.', '')}) with per-tensor scales"
+    matmul = str(compute).replace("torch.", "").replace("bfloat16", "bf16").replace("float32", "fp32")
+    if policy.dit_weights is not P.DiTWeights.FP8_FAST:
+        return f"{head}, {matmul} matmuls (weights dequantized per call)"
+    reason = fp8_matmul_unavailable(device)
+    if reason is None and storage != ops.E4M3:
+        reason = "fp8 matmuls need e4m3 weights"
+    if reason is None:
+        n = ops.set_fp8_matmul(dit, True)
+        return (f"{head}, fp8 matmuls (torch._scaled_mm) in the {n} attention/feed-forward linears of the "
+                f"blocks (activations scaled per tensor); embedders, adaLN and final layer dequantized to {matmul}")
+    ops.set_fp8_matmul(dit, False)
+    return f"{head}, {matmul} matmuls: fp8_fast fell back ({reason})"

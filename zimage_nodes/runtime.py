@@ -178,6 +178,10 @@ def load_model(dit_name: str, text_encoder_name: str, vae_name: str, diffusers_f
             reason = dit.set_attention_backend(pol.attention)
             if reason:
                 notes.append(reason)
+        weights_note = policy_runtime.prepare_dit_weights(  # fp8: scales, and fp8 matmuls for fp8_fast
+            dit, pol, dit_storage, dit_compute, torch.device("cpu") if pol.mode is P.Mode.CPU else dev)
+        if weights_note:
+            notes.append(weights_note)
 
         _make_room(loader.resident_bytes(plan.vae, vae_storage, vae_storage), vdev)
         vae = loader.load_vae(plan.vae, vdev, vae_storage, progress=progress.stage(1))
@@ -299,7 +303,7 @@ def encode_text(model: ZImageModel, text: str) -> tuple[ZImageConditioning, str]
 
 # ---------------------------------------------------------------- sampling
 
-COMPILE_CHOICES = ("off", "blocks")
+COMPILE_CHOICES = ("off", "blocks", "auto")  # permanent: saved workflows store these
 
 
 def snap_size(width: int, height: int, notes: list[str]) -> tuple[int, int]:
@@ -365,34 +369,53 @@ def _start_latent(model: ZImageModel, latent: Optional[dict], image: Optional[to
     return raw.detach().to(bridge.intermediate_device(), torch.float32)
 
 
-def _use_compile(model: ZImageModel, compile_mode: str, notes: list[str]) -> None:
+def _check_compile_mode(compile_mode: str) -> None:
     if compile_mode not in COMPILE_CHOICES:
-        raise InputError(f"`compile` = {compile_mode!r}.", expected=" or ".join(COMPILE_CHOICES), fix="choose off")
-    if compile_mode == "off":
+        raise InputError(f"`compile` = {compile_mode!r}.", expected=" or ".join(COMPILE_CHOICES), fix="choose auto")
+
+
+def _auto_compile(dev: torch.device, plan: Optional[P.Plan]) -> bool:
+    """``auto``: compile when the DiT runs resident on an NVIDIA GPU with triton installed (streamed
+    modes are bound by host-to-device copies, and the CPU would need a C++ toolchain)."""
+    import importlib.util
+    return (dev.type == "cuda" and (plan is None or plan.mode not in policy_runtime.STREAMED_MODES)
+            and importlib.util.find_spec("triton") is not None)
+
+
+def _use_compile(model: ZImageModel, compile_mode: str, dev: torch.device, plan: Optional[P.Plan],
+                 notes: list[str]) -> None:
+    """Compile the DiT's blocks for this run or not, as ``compile_mode`` says (core/compile.py)."""
+    if compile_mode == "blocks" or (compile_mode == "auto" and _auto_compile(dev, plan)):
+        dit_compile.enable(model.dit)
+        note = ("DiT blocks run through torch.compile (token dimension dynamic: one compile per block kind "
+                "and batch size, the first run compiles)")
+    else:
         dit_compile.disable(model.dit)
-        return
-    dit_compile.enable(model.dit)
-    notes.append(f"DiT blocks run through torch.compile (captions padded to multiples of "
-                 f"{model.dit.cap_bucket} tokens, masked); the first run of a new size compiles")
+        note = None
+    notes[:] = [n for n in notes if not n.startswith("DiT blocks run through torch.compile")]
+    if note:
+        notes.append(note)
 
 
 @_names_oom("Z-Image Sampler (Turbo)")
 def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height: int, seed: int, steps: int,
            schedule_name: str, shift: float, cfg: float, batch_size: int, max_batch: int, denoise: float,
            negative: Optional[ZImageConditioning] = None, latent: Optional[dict] = None,
-           image: Optional[torch.Tensor] = None, *, compile_mode: str = "off") -> tuple[dict, torch.Tensor, str]:
+           image: Optional[torch.Tensor] = None, *, compile_mode: str = "auto") -> tuple[dict, torch.Tensor, str]:
     """Sample and decode. Returns (core LATENT in raw VAE space, IMAGE, report).
 
     Text-to-image draws ``batch_size`` noises of ``width`` x ``height`` (snapped to multiples of 16)
     exactly as core KSampler does for ``seed``; with a ``latent`` (or ``image``, encoded by the
     loader's VAE) it refines that instead, keeping the tail of the schedule as core KSampler's
     ``denoise`` does (0 returns the input unchanged). ``compile_mode`` "blocks" runs the DiT blocks
-    through torch.compile (core/compile.py), falling back to eager if compilation fails."""
+    through torch.compile (core/compile.py), "auto" does so when the DiT runs resident on a CUDA GPU
+    with triton; a failing compilation falls back to eager."""
     notes: list[str] = []
     _check_conditioning(model, positive, "positive")
     if negative is not None:
         _check_conditioning(model, negative, "negative")
     _check_numbers(batch_size, max_batch, cfg)
+    _check_compile_mode(compile_mode)
     sigmas = schedule.make_sigmas(schedule_name, steps, shift, denoise)
     raw_in = _start_latent(model, latent, image, batch_size, notes)
     if raw_in is None:
@@ -413,7 +436,6 @@ def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height:
     if n == 0:  # denoise 0: nothing to do, the input goes out as it came in
         notes.insert(0, "denoise 0: no DiT forward; the input latent is returned unchanged")
         return {"samples": raw_in.clone()}, decode(model, raw_in), "\n".join(notes)
-    _use_compile(model, compile_mode, notes)
 
     compute = model.dit_dtypes[1]
     noise = bridge.prepare_noise(shape, seed)
@@ -447,7 +469,8 @@ def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height:
                                uncond=uncond.embeds.to(dev, compute) if uncond is not None else None,
                                x_init=x_init.to(dev) if x_init is not None else None)
 
-    def run_eager_if_compile_fails(dev: torch.device) -> torch.Tensor:
+    def run_eager_if_compile_fails(dev: torch.device, plan: Optional[P.Plan]) -> torch.Tensor:
+        _use_compile(model, compile_mode, dev, plan, notes)
         try:
             return run(dev)
         except Exception as exc:  # only a failing torch.compile is retried (eagerly); everything else propagates
@@ -473,25 +496,26 @@ def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height:
 
 
 def _with_dit(model: ZImageModel, req: P.Request, notes: list[str], body):
-    """``body(device)`` with the DiT placed as the model's memory policy plans for ``req``
+    """``body(device, plan)`` with the DiT placed as the model's memory policy plans for ``req``
     (policy_runtime.dit_session: resident, offloaded, block-streamed or on the CPU), stepping one mode
     down and retrying once on CUDA out-of-memory when the policy allows. Returns (result, plan, device);
     the plan is None when the DiT's device is not a GPU (as te_session does) or the model was built without
     the policy's sizes: then the DiT is simply loaded on its device through ComfyUI's model management."""
     if getattr(model, "sizes", None) is None or model.dit_patcher.load_device.type != "cuda":
         bridge.load_on_device([model.dit_patcher])
-        return body(model.dit_patcher.load_device), None, model.dit_patcher.load_device
+        return body(model.dit_patcher.load_device, None), None, model.dit_patcher.load_device
     used: list = []
 
     def attempt(plan: P.Plan):
         dev = torch.device("cpu") if plan.mode is P.Mode.CPU else model.dit_patcher.load_device
         used[:] = [plan, dev]
         with policy_runtime.dit_session(model, plan):
-            return body(dev)
+            return body(dev, plan)
 
     first = policy_runtime.plan_for(model, req, notes)
     out = policy_runtime.run_with_fallback(model.policy, first, attempt,
-                                           lambda mode: policy_runtime.plan_for(model, req, notes, mode), notes)
+                                           lambda mode: policy_runtime.plan_for(model, req, notes, mode,
+                                                                                after_oom=True), notes)
     return out, used[0], used[1]
 
 

@@ -580,10 +580,35 @@ def test_fp8_on_the_cpu_is_stored_fp8_and_computed_in_bf16(comfy, loaded_models)
     assert "float8_e4m3fn storage / bfloat16 compute" in rep
     assert "DiT: weights stored as fp8_e4m3fn, computed in bfloat16" in rep
     assert "text encoder: weights stored as fp8_e4m3fn, computed in bfloat16" in rep
+    assert "DiT: fp8 weights (float8_e4m3fn) with per-tensor scales, bf16 matmuls" in rep
     m = loaded_models[-1]
-    assert m.dit.layers[0].attention.qkv.weight.dtype == torch.float8_e4m3fn
+    qkv = m.dit.layers[0].attention.qkv
+    assert qkv.weight.dtype == torch.float8_e4m3fn and qkv.weight_scale > 0 and not qkv.fp8_matmul
     assert m.dit.x_pad_token.dtype == torch.bfloat16
-    assert m.te.module.model.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
+    up = m.te.module.model.layers[0].mlp.up_proj
+    assert up.weight.dtype == torch.float8_e4m3fn and up.weight_scale > 0
+
+
+POLICY_INPUTS = {"mode": "auto", "vram_budget_gb": 0.0, "dit_weights": "bf16", "attention": "auto",
+                 "vae_mode": "auto", "vae_tile": 512, "resident_blocks": -1, "prefetch": 2,
+                 "cache_clear_interval": 0, "oom_fallback": True}
+
+
+def test_fp8_fast_policy_without_fp8_matmuls_falls_back_and_says_so(comfy, loaded_models) -> None:
+    """On the CPU (no fp8 matmuls) the policy's fp8_fast becomes fp8 storage with per-tensor scales and bf16
+    matmuls; the policy and the loader both say why, and the image is generated."""
+    p = t2i_prompt(seed=6)
+    p["5"] = {"class_type": "ZImageMemoryPolicy", "inputs": dict(POLICY_INPUTS, dit_weights="fp8_fast")}
+    p["1"]["inputs"]["policy"] = ["5", 0]
+    r = comfy.run(p)
+    assert r.success, r.error
+    rep = report(r, "1")
+    assert "fp8_fast: fp8 matmuls need a CUDA GPU (the DiT runs on cpu); using fp8 storage" in rep
+    assert "DiT: fp8 weights (float8_e4m3fn) with per-tensor scales, bf16 matmuls" in rep
+    assert "not implemented" not in rep
+    dit = loaded_models[-1].dit
+    assert dit.layers[0].feed_forward.w2.weight.dtype == torch.float8_e4m3fn
+    assert not any(getattr(m, "fp8_matmul", False) for m in dit.modules())
 
 
 def test_file_name_not_in_the_folder_list(comfy, extra_models) -> None:

@@ -421,7 +421,7 @@ def test_compile_option_runs_and_matches_eager(comfy, monkeypatch):
     assert "torch.compile failed (RuntimeError: no working triton installation (test)); ran without it" \
         in report(comfy)
     assert torch.equal(output(comfy, "3")["samples"], eager)
-    run_ok(comfy, graph(seed=70, steps=2))  # compile off again: eager blocks, ComfyUI's caption padding
+    run_ok(comfy, graph(seed=70, steps=2))  # the default, auto, is off on the CPU: eager blocks again
     assert not dit_compile.is_enabled(output(comfy, "1").dit)
 
 
@@ -438,8 +438,8 @@ def test_the_memory_policy_places_the_dit_and_retries_after_out_of_memory(comfy,
     model, positive, neg = output(comfy, "1"), output(comfy, "2"), output(comfy, "5")
     requests, sessions = [], []
 
-    def plan_for(m, req, notes, mode=None):
-        requests.append((req, mode))
+    def plan_for(m, req, notes, mode=None, after_oom=False):
+        requests.append((req, mode, after_oom))
         return P.Plan(mode or P.Mode.SEQUENTIAL, 8 * 2 ** 30, 0, 0, 1, True, 128, 2 ** 30)
 
     @contextlib.contextmanager
@@ -457,7 +457,8 @@ def test_the_memory_policy_places_the_dit_and_retries_after_out_of_memory(comfy,
     req = requests[0][0]
     assert (req.width, req.height, req.batch, req.cfg_batch, req.caption_tokens) == \
         (SIZE, SIZE, 2, 2, positive.embeds.shape[1])
-    assert [mode for _, mode in requests] == [None, P.Mode.CPU] and sessions == [P.Mode.SEQUENTIAL, P.Mode.CPU]
+    assert [mode for _, mode, _ in requests] == [None, P.Mode.CPU] and sessions == [P.Mode.SEQUENTIAL, P.Mode.CPU]
+    assert [after for _, _, after in requests] == [False, True]  # the retry plans with the smaller budget
     assert "attempt 1: mode sequential" in text and "ran out of memory" in text and "attempt 2: mode cpu" in text
     assert torch.equal(latent["samples"], plain)
     assert images.shape == (2, SIZE, SIZE, 3)  # decoded in 128 px tiles, as the plan asked

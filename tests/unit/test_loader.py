@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zimage_nodes.core import loader
+from zimage_nodes.core import loader, ops
 from zimage_nodes.core import st_io
 from zimage_nodes.core.errors import CheckpointError
 from zimage_nodes.core.identify import Kind
@@ -141,20 +141,81 @@ def test_dit_fp8_repack_equals_the_rounded_values(tiny_models: Path, dit_referen
 
 
 def test_dit_fp8_storage_keeps_fp8_matrices_and_computes_in_compute_dtype(tiny_models: Path, dit_reference) -> None:
-    """fp8 storage: matmul weights fp8 (bit-equal to the repack), everything else in the compute dtype."""
+    """fp8 storage: matmul weights fp8 with a per-tensor scale (quantized from the bf16 file as it streams:
+    weight / scale, scale = amax / 448), everything else in the compute dtype; the forward stays close to the
+    bf16 model's."""
+    with torch.inference_mode():
+        bf16 = loader.load_dit(dit_source(tiny_models, "single"), CPU, BF16, BF16)
+        x = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+        cap = torch.randn(1, 5, bf16.cap_embedder[1].weight.shape[1], generator=torch.Generator().manual_seed(1))
+        want = bf16(x.to(BF16), torch.tensor([0.5]), cap.to(BF16)).float()
     for compute in (BF16, FP32):
         model = loader.load_dit(dit_source(tiny_models, "single"), CPU, FP8, compute)
         assert_no_meta(model)
+        scaled = 0
         for k, t in tensors(model).items():
             ref = dit_reference[k]
             matrix = ref.ndim == 2 and min(ref.shape) > 1 and k.endswith("weight") and "pad_token" not in k
             assert t.dtype == (FP8 if matrix else compute), k
-            assert torch.equal(t.float(), ref.to(t.dtype).float()), k
-        x = torch.randn(1, 16, 8, 8)
-        cap = torch.randn(1, 5, model.cap_embedder[1].weight.shape[1])
+            if not matrix:
+                assert torch.equal(t.float(), ref.to(t.dtype).float()), k
+                continue
+            layer = model.get_submodule(k[:-len(".weight")])
+            q, scale = ops.quantize_fp8(ref)
+            assert layer.weight_scale.dtype == FP32 and layer.weight_scale == scale, k
+            assert torch.allclose(scale, ref.abs().max() / 448, rtol=2 ** -8), k
+            assert torch.equal(t.view(torch.uint8), q.view(torch.uint8)), k
+            deq = ops.dequantize(layer)
+            assert ((deq - ref).abs() <= ref.abs() / 16 + scale / 1024).all(), k  # e4m3 rounding
+            scaled += 1
+        assert scaled > 20
+        assert not any(m.fp8_matmul for m in model.modules() if isinstance(m, ops.CastLinear))
         with torch.inference_mode():
-            v = model(x, torch.tensor([0.5]), cap)
-        assert v.shape == x.shape and v.dtype == x.dtype and torch.isfinite(v).all()
+            v = model(x.to(compute), torch.tensor([0.5]), cap.to(compute))
+        assert v.shape == x.shape and v.dtype == compute and torch.isfinite(v).all()
+        assert ((v.float() - want).norm() / want.norm()).item() < 0.1  # fp8 weight rounding (+ bf16)
+
+
+def test_dit_fp8_storage_of_a_plain_fp8_repack_keeps_its_bytes_with_scale_one(tiny_models: Path) -> None:
+    src = dit_source(tiny_models, "fp8")
+    model = loader.load_dit(src, CPU, FP8, BF16)
+    raw = {k: v for k, v in _file_tensors(src).items()}
+    n = 0
+    for name, m in model.named_modules():
+        if isinstance(m, ops.CastLinear) and m.weight.dtype == FP8:
+            assert m.weight_scale == 1, name
+            assert torch.equal(m.weight.view(torch.uint8), raw[name + ".weight"].view(torch.uint8)), name
+            n += 1
+    assert n > 20
+
+
+def test_dit_fp8_storage_is_the_same_from_every_layout(tiny_models: Path) -> None:
+    """The diffusers folder (fp32 shards, split q/k/v) quantizes the fused qkv as one tensor: the same fp8
+    bytes and scales as the bf16 single file (whose values it holds)."""
+    a = loader.load_dit(dit_source(tiny_models, "single"), CPU, FP8, BF16)
+    b = loader.load_dit(dit_source(tiny_models, "diffusers"), CPU, FP8, BF16)
+    sa, sb = dict(a.named_buffers()), dict(b.named_buffers())
+    assert sa.keys() == sb.keys() and any(k.endswith("attention.qkv.weight_scale") for k in sa)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    for k, t in tensors(a).items():
+        if t.dtype == FP8:
+            assert torch.equal(t.view(torch.uint8), tensors(b)[k].view(torch.uint8)), k
+
+
+def test_fp8_matmul_flag_at_load_time(tiny_models: Path) -> None:
+    model = loader.load_dit(dit_source(tiny_models, "single"), CPU, FP8, BF16, fp8_matmul=True)
+    flagged = {n for n, m in model.named_modules() if isinstance(m, ops.CastLinear) and m.fp8_matmul}
+    assert flagged and all(n.rsplit(".", 1)[-1] in ("qkv", "out", "w1", "w2", "w3") for n in flagged)
+    assert "x_embedder" not in flagged and "final_layer.linear" not in flagged
+
+
+def _file_tensors(src: loader.Source) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    out: dict[str, torch.Tensor] = {}
+    for h in src.headers:
+        out.update(load_file(str(h.path)))
+    return out
 
 
 def test_dit_fp32_shards_convert_to_bf16_while_streaming(tiny_models: Path, dit_reference,
@@ -274,6 +335,10 @@ def test_text_encoder_fp8_storage(tiny_models: Path) -> None:
         r = tensors(ref)[k]
         matrix = r.ndim == 2 and min(r.shape) > 1 and "embed_tokens" not in k  # the table is indexed
         assert t.dtype == (FP8 if matrix else FP32), k
+        if matrix:  # the same per-tensor scales as the DiT's fp8 storage (no fp8 matmuls)
+            layer = fp8.get_submodule(k[:-len(".weight")])
+            assert isinstance(layer, ops.CastLinear) and not layer.fp8_matmul, k
+            assert torch.allclose(layer.weight_scale, r.abs().max() / 448, rtol=2 ** -8), k
     ids = torch.tensor([[5, 6, 7]])
     with torch.inference_mode():
         out, want = fp8(ids), ref(ids)
@@ -424,6 +489,7 @@ def test_embedding_identity_names_the_files_and_the_dtypes(tiny_models: Path) ->
     assert a.identity == loader.LazyTextEncoder(src, CPU, BF16, BF16).identity
     assert a.identity != loader.LazyTextEncoder(src, CPU, FP32, FP32).identity
     assert a.identity != loader.LazyTextEncoder(src, CPU, FP8, BF16).identity
+    assert loader.LazyTextEncoder(src, CPU, FP8, BF16).identity.endswith(";float8_e4m3fn-scaled/bfloat16")
     assert a.n_tensors == len(te_key_map_of(src)) and a.nbytes == loader.resident_bytes(
         src, BF16, BF16, te_key_map_of(src))
 
@@ -457,18 +523,22 @@ def test_embedding_identity_survives_the_file_moving(tiny_models: Path, tmp_path
     assert lazy.identity == before
 
 
-def test_scaled_fp8_repack_is_dequantized(tiny_models: Path, dit_reference, tmp_path: Path) -> None:
+def test_scaled_fp8_repack_keeps_its_scales_or_is_dequantized(tiny_models: Path, dit_reference,
+                                                             tmp_path: Path) -> None:
     """ComfyUI's "scaled fp8" layout stores weight / scale in fp8 with ``<layer>.scale_weight`` beside it (and a
-    ``scaled_fp8`` marker): the loader multiplies the scale back in, for any storage dtype."""
+    ``scaled_fp8`` marker). fp8 storage keeps the file's fp8 weight and scale as they are (no requantization);
+    bf16/fp32 storage multiplies the scale back in. Every storage computes with the same weights."""
     from safetensors.torch import save_file
     sd: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=FP8)}
     want: dict[str, torch.Tensor] = {}
+    stored: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, ref in dit_reference.items():
         if ref.ndim == 2 and k.endswith(".weight") and min(ref.shape) > 1:
-            scale = ref.abs().max() / 448.0
+            scale = ref.abs().max() / 448.0  # any fp32 value (not rounded to bf16 like ours)
             q = (ref / scale).to(FP8)
             sd[k], sd[k[:-len("weight")] + "scale_weight"] = q, scale.reshape(())
             want[k] = q.float().mul_(scale)
+            stored[k] = q, scale
         else:
             sd[k] = ref.to(BF16)
             want[k] = ref
@@ -479,6 +549,18 @@ def test_scaled_fp8_repack_is_dequantized(tiny_models: Path, dit_reference, tmp_
         assert torch.equal(got[k], w), k
     assert (got["layers.0.attention.qkv.weight"] - dit_reference["layers.0.attention.qkv.weight"]).abs().max() \
         < 0.1 * dit_reference["layers.0.attention.qkv.weight"].abs().max()
-    fp8 = tensors(loader.load_dit(src, CPU, FP8, BF16))
-    assert fp8["layers.0.attention.qkv.weight"].dtype == FP8
-    assert torch.equal(fp8["layers.0.attention.qkv.weight"], want["layers.0.attention.qkv.weight"].to(FP8))
+    bf16 = tensors(loader.load_dit(src, CPU, BF16, BF16))
+    fp8_model = loader.load_dit(src, CPU, FP8, BF16)
+    fp8 = tensors(fp8_model)
+    for k, (q, scale) in stored.items():
+        layer = fp8_model.get_submodule(k[:-len(".weight")])
+        assert fp8[k].dtype == FP8 and torch.equal(fp8[k].view(torch.uint8), q.view(torch.uint8)), k
+        assert layer.weight_scale == scale, k  # the file's fp32 scale, unchanged
+        assert torch.equal(ops.dequantize(layer), want[k]), k  # the same weights as fp32 storage
+        assert torch.equal(bf16[k], want[k].to(BF16)), k
+    x = torch.randn(1, 16, 8, 8).to(BF16)
+    cap = torch.randn(1, 5, fp8_model.cap_embedder[1].weight.shape[1]).to(BF16)
+    with torch.inference_mode():
+        a = fp8_model(x, torch.tensor([0.5]), cap).float()
+        b = loader.load_dit(src, CPU, BF16, BF16)(x, torch.tensor([0.5]), cap).float()
+    assert ((a - b).norm() / b.norm()).item() < 0.05  # bf16 rounding of the same weights only

@@ -168,6 +168,36 @@ def test_compile_reuses_graphs_within_a_caption_bucket_and_matches_eager():
 
 
 @torch.inference_mode()
+def test_default_compile_has_dynamic_token_dims_one_graph_per_block_kind():
+    """The default layout: no bucket, no mask, ComfyUI's padding; other caption lengths and other
+    resolutions reuse the three graphs, and every output equals eager's; another batch size gets graphs
+    of its own (the batch dimension stays static) and batch 1 keeps using its first graphs."""
+    model = ours(TINY, random_state_dict(TINY))
+    graphs: list[int] = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(len(example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    cases = [(20, 8, 8), (100, 8, 8), (33, 12, 10), (130, 16, 16), (7, 6, 14)]
+    eager = [model(*inputs(TINY, 0.4, n, h, w, seed=i)) for i, (n, h, w) in enumerate(cases)]
+    try:
+        dit_compile.enable(model, backend=counting_backend)
+        assert model.cap_bucket is None and dit_compile.settings(model)["cap_bucket"] is None
+        for i, (n, h, w) in enumerate(cases):
+            assert rel_err(model(*inputs(TINY, 0.4, n, h, w, seed=i)), eager[i]) < 1e-6, (n, h, w)
+            assert len(graphs) == 3, f"caption {n} at {h}x{w} latent recompiled"
+        first = model(*inputs(TINY, 0.4, *cases[0], seed=0))
+        x, s, cap = inputs(TINY, 0.4, *cases[0], seed=0)
+        model(torch.cat([x, x]), s.expand(2), torch.cat([cap, cap]))  # a batch of 2: its own graphs, once
+        assert len(graphs) == 6
+        assert torch.equal(model(*inputs(TINY, 0.4, *cases[0], seed=0)), first) and len(graphs) == 6
+    finally:
+        dit_compile.disable(model)
+
+
+@torch.inference_mode()
 def test_a_failing_compiler_is_recognised_for_the_fallback():
     model = ours(TINY, random_state_dict(TINY))
 

@@ -289,3 +289,14 @@ def test_header_of_merged_shards_is_plain_data(good: Path) -> None:
     h = read_header(good)
     merged = Header(path=good.parent, tensors=dict(h.tensors), metadata={}, file_size=h.file_size)
     assert merged.shapes() == h.shapes() and merged.total_bytes() == h.total_bytes()
+
+
+def test_tensor_info_offset_locates_the_data_and_is_not_part_of_identity(good: Path) -> None:
+    h = read_header(good)
+    raw = good.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert min(i.offset for i in h.tensors.values()) == 8 + n
+    info = h.tensors["a.weight"]
+    assert raw[info.offset:info.offset + info.nbytes] == _sample()["a.weight"].view(torch.uint8).numpy().tobytes()
+    plain = TensorInfo("BF16", (4, 3), 24)
+    assert plain.offset == -1 and info == plain and hash(info) == hash(plain) and repr(info) == repr(plain)

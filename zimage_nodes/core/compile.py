@@ -5,33 +5,34 @@ Why regional: all blocks share one Python ``Block.forward``, so dynamo compiles 
 input shape and reuses that graph for every block (parameters are graph inputs, not constants);
 compiling the whole DiT would unroll 34 blocks into one graph and take minutes.
 
-Shapes and recompiles (``dynamic=False``, so each new shape compiles once and is then cached):
-- one graph for the context refiner (caption only, no modulation), one for the noise refiner
-  (image tokens), one for the main blocks ([caption, image]): three per (batch, resolution,
-  caption bucket);
-- the caption is padded to a multiple of ``cap_bucket`` (``ZImageDiT.cap_bucket``, default 128)
-  instead of ComfyUI's 32, so prompts of 20 and 100 tokens share a graph. The pad tokens beyond
-  ComfyUI's 32-multiple are masked out of attention and the RoPE positions stay ComfyUI's, so the
-  image is the same as without compile up to rounding (fp32: identical on the CPU; bf16 on an H200:
-  compiled vs eager differ by ~2e-2 of the max, as inductor's fusions round differently). The mask
-  makes attention run as masked SDPA (no flash kernel): ~6 % slower per eager forward on an H200,
-  and compiled forwards were still ~14 % faster than eager ones (bench/check_sampler_gpu.py,
-  bench/results/h200_sampler_gpu.json, random weights);
-- dynamo's per-function recompile limit (8 by default) would be reached after two or three
-  resolutions and then silently fall back to eager, so enabling raises it to ``RECOMPILE_LIMIT``.
+Shapes and recompiles. Two layouts:
+- default (``cap_bucket=None``): the token dimension of every block input is marked dynamic
+  (``torch._dynamo.maybe_mark_dynamic`` on the activations and the RoPE table, called eagerly just
+  before the compiled forward), so one graph per block kind (context refiner, noise refiner, main
+  blocks) serves every resolution and every caption length. The caption keeps ComfyUI's padding to a
+  multiple of 32 and nothing is masked, so attention runs unmasked (cuDNN/flash) and the numerics are
+  eager's up to inductor's fusion rounding. The batch dimension stays static (``mark_static``): each
+  batch size compiles its own graphs once, so the same prompt gives the same image whatever ran before
+  (with a dynamic batch, a batch of 2 in between made batch-1 images differ by up to 6/255 on an H200);
+- ``cap_bucket=N`` (a multiple of 32): static shapes (``dynamic=False``), the caption padded to a
+  multiple of N and the extra pads masked out of attention (RoPE positions stay ComfyUI's), so prompts
+  of one bucket share a graph; each resolution and bucket compiles its own graphs. Kept for comparison:
+  on an H200 the mask made attention ~7 ms per forward slower than the unmasked kernel
+  (bench/dit_speed_lab.py);
+- dynamo's per-function recompile limit (8 by default) would silently fall back to eager after a few
+  shapes, so enabling raises it to ``RECOMPILE_LIMIT``.
 
 Only ``forward`` is compiled (an instance attribute), not ``Module.__call__``: forward hooks such as
 the block streamer's weight prefetch stay eager, and the state dict keeps the file's key names.
-Nothing here runs unless ``enable`` is called; the pack never compiles by default.
+Nothing here runs unless ``enable`` is called (the sampler's ``compile`` input decides).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-DEFAULT_BUCKET = 128
 RECOMPILE_LIMIT = 64
 _MARK = "_zimage_compiled"
 
@@ -52,9 +53,10 @@ def settings(dit: nn.Module) -> dict[str, Any] | None:
     return getattr(dit, _MARK, None)
 
 
-def enable(dit: nn.Module, *, cap_bucket: int = DEFAULT_BUCKET, backend: str | Any = "inductor",
+def enable(dit: nn.Module, *, cap_bucket: int | None = None, backend: str | Any = "inductor",
            mode: str | None = None, options: dict | None = None) -> None:
-    """Compile every block's forward (``dynamic=False``) and pad captions to ``cap_bucket`` tokens.
+    """Compile every block's forward: token dimensions dynamic (default), or static shapes with the
+    caption padded to ``cap_bucket`` tokens and masked (see the module docstring).
 
     Idempotent for the same settings; other settings recompile. ``backend`` may be any
     ``torch.compile`` backend (a callable too, which tests use to count compilations)."""
@@ -62,19 +64,32 @@ def enable(dit: nn.Module, *, cap_bucket: int = DEFAULT_BUCKET, backend: str | A
     if settings(dit) == wanted:
         return
     disable(dit)
-    if cap_bucket < 1 or cap_bucket % 32:
+    if cap_bucket is not None and (cap_bucket < 1 or cap_bucket % 32):
         raise ValueError(f"cap_bucket must be a positive multiple of 32, not {cap_bucket}")
     limit = torch._dynamo.config.recompile_limit
     torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
-    kwargs: dict[str, Any] = {"dynamic": False, "backend": backend}
+    kwargs: dict[str, Any] = {"dynamic": False if cap_bucket else None, "backend": backend}
     if mode is not None:
         kwargs["mode"] = mode
     if options is not None:
         kwargs["options"] = options
     for block in blocks(dit):
-        block.forward = torch.compile(type(block).forward.__get__(block), **kwargs)
+        compiled = torch.compile(type(block).forward.__get__(block), **kwargs)
+        block.forward = compiled if cap_bucket else _dynamic_tokens(compiled)
     dit.cap_bucket = cap_bucket
     setattr(dit, _MARK, wanted)
+
+
+def _dynamic_tokens(compiled: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Mark the token dimension of a block's inputs dynamic, then call the compiled forward."""
+    def forward(x: Tensor, freqs: Tensor, adaln: Tensor | None, mask: Tensor | None = None) -> Tensor:
+        torch._dynamo.maybe_mark_dynamic(x, 1)
+        torch._dynamo.maybe_mark_dynamic(freqs, 0)
+        torch._dynamo.mark_static(x, 0)  # one graph per batch size: a batch of 2 run in between must not
+        if adaln is not None:             # turn batch 1 into another (dynamic-batch) graph with other rounding
+            torch._dynamo.mark_static(adaln, 0)
+        return compiled(x, freqs, adaln, mask)
+    return forward
 
 
 def disable(dit: nn.Module) -> None:

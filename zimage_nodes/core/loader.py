@@ -21,7 +21,7 @@ from . import text_encoder as te_mod
 from . import vae as vae_mod
 from .errors import CheckpointError, InputError
 from .identify import Kind, expect
-from .ops import cast_linears
+from .ops import CastLinear, cast_linears, quantize_fp8, set_fp8_matmul, set_weight_scale
 from .st_io import Header, TensorInfo, read_header, set_module_tensor, stream_tensors, torch_dtype
 
 # Storage dtype choices offered per component ("auto" decides by device).
@@ -208,7 +208,8 @@ def load_tokenizer(plan: LoadPlan):
 # ---------------------------------------------------------------- dtype rules
 
 def device_supports(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether matmuls can run in this dtype on the device (fp8 is only ever a storage format here)."""
+    """Whether matmuls can run in this dtype on the device (fp8 is a storage format: the compute dtype is
+    bf16/fp32; fp8 matmuls are a per-layer option of scaled fp8 weights, core/ops.py)."""
     if dtype in FP8:
         return False
     if device.type == "cuda":
@@ -310,19 +311,63 @@ def _check_targets(module: torch.nn.Module, source: Source, targets: dict[str, T
                 "not supported")
 
 
+def _fp8_linear_weights(module: torch.nn.Module, targets: dict[str, Target], infos: dict[str, TensorInfo],
+                        dtype_for: Callable[[str, TensorInfo], Optional[torch.dtype]]) -> dict[str, torch.dtype]:
+    """Module tensor name -> fp8 dtype for the CastLinear weights that ``dtype_for`` puts in fp8: these are
+    stored with a per-tensor scale (core/ops.py). Other fp8 tensors (none in our models) are a plain cast."""
+    out: dict[str, torch.dtype] = {}
+    for key, (name, _i, _n) in targets.items():
+        want = dtype_for(key, infos[key])
+        owner_name, _, attr = name.rpartition(".")
+        if want in FP8 and attr == "weight" and isinstance(module.get_submodule(owner_name), CastLinear):
+            out[name] = want
+    return out
+
+
 def _stream_into(module: torch.nn.Module, source: Source, targets: dict[str, Target], device: torch.device,
                  dtype_for: Callable[[str, TensorInfo], Optional[torch.dtype]],
                  progress: Optional[ProgressFn], scales: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Copy every mapped tensor from the files into the meta-built module, one tensor at a time.
 
-    ``scales`` (file key -> scale) dequantizes "scaled fp8" weights on the way: read in fp32, multiplied
-    by their scale on the device, then converted to the dtype ``dtype_for`` gives."""
+    ``scales`` (file key -> scale) are a "scaled fp8" repack's: such weights are read in fp32 and multiplied
+    by their scale on the device, then converted to the dtype ``dtype_for`` gives.
+
+    fp8 storage of a CastLinear weight keeps a per-tensor scale (``weight_scale``, core/ops.py): a file
+    tensor already in that fp8 dtype is kept as it is, with the file's scalar ``scale_weight`` or scale 1
+    (no requantization); any other (bf16/fp32, a per-channel scaled or other fp8 format, split q/k/v pieces
+    with scales) is read in its own dtype (fp32 when scaled and dequantized), assembled, and quantized on the
+    device with scale amax / fp8 max (``ops.quantize_fp8``)."""
     _check_targets(module, source, targets)
     scales = scales or {}
     infos = {k: i for h in source.headers for k, i in h.tensors.items()}
+    fp8w = _fp8_linear_weights(module, targets, infos, dtype_for)
+    keys_of: dict[str, list[str]] = {}
+    for key, (name, _i, _n) in targets.items():
+        keys_of.setdefault(name, []).append(key)
+    keep: set[str] = set()  # fp8 weights taken from the file unchanged
+    for name, want in fp8w.items():
+        keys = keys_of[name]
+        scaled = [k for k in keys if k in scales]
+        if all(torch_dtype(infos[k]) == want for k in keys) and (
+                not scaled or (len(keys) == 1 and scales[keys[0]].numel() == 1)):
+            keep.add(name)
 
     def read_dtype(key: str, info: TensorInfo) -> Optional[torch.dtype]:
+        name = targets[key][0]
+        if name in fp8w:
+            return fp8w[name] if name in keep else (torch.float32 if key in scales else None)
         return torch.float32 if key in scales else dtype_for(key, info)
+
+    def place(name: str, tensor: torch.Tensor, file_scale: Optional[torch.Tensor]) -> None:
+        if name not in fp8w:
+            set_module_tensor(module, name, tensor)
+            return
+        if name in keep:
+            scale = file_scale if file_scale is not None else torch.ones((), device=tensor.device)
+        else:
+            tensor, scale = quantize_fp8(tensor, fp8w[name])
+        set_module_tensor(module, name, tensor)
+        set_weight_scale(module.get_submodule(name.rpartition(".")[0]), scale)
 
     by_file: dict[Path, list[str]] = {}
     owner = source.file_of()
@@ -332,12 +377,13 @@ def _stream_into(module: torch.nn.Module, source: Source, targets: dict[str, Tar
     total, done = len(targets), 0
     for path, keys in by_file.items():
         for key, tensor in stream_tensors(path, keys, device, read_dtype):
-            if key in scales:
-                want = dtype_for(key, infos[key]) or torch_dtype(infos[key])
-                tensor = tensor.mul_(scales[key].to(device)).to(want)
             name, index, pieces = targets[key]
+            if key in scales and name not in keep:
+                tensor = tensor.mul_(scales[key].to(device))
+                if name not in fp8w:
+                    tensor = tensor.to(dtype_for(key, infos[key]) or torch_dtype(infos[key]))
             if pieces == 1:
-                set_module_tensor(module, name, tensor)
+                place(name, tensor, scales.get(key) if name in keep else None)
             else:
                 buf, filled = partial.get(name, (None, 0))
                 if buf is None:
@@ -347,7 +393,7 @@ def _stream_into(module: torch.nn.Module, source: Source, targets: dict[str, Tar
                 del tensor
                 partial[name] = (buf, filled + 1)
                 if filled + 1 == pieces:
-                    set_module_tensor(module, name, partial.pop(name)[0])
+                    place(name, partial.pop(name)[0], None)
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -395,7 +441,8 @@ def resident_bytes(source: Source, storage: torch.dtype, compute: torch.dtype,
 def _read_scales(source: Source, targets: dict[str, Target]) -> dict[str, torch.Tensor]:
     """The per-tensor scales of a "scaled fp8" repack (ComfyUI's: the weight stored as weight / scale in fp8,
     the scale beside it as ``<layer>.scale_weight``): weight key -> fp32 scale on the CPU. Small tensors,
-    read before streaming."""
+    read before streaming. ``_stream_into`` keeps such a weight and its scale as they are for fp8 storage of
+    the same fp8 dtype, and dequantizes it (weight * scale) for any other storage."""
     keys = [k for k in source.shapes if k.endswith(".scale_weight")
             and k[:-len("scale_weight")] + "weight" in targets]
     owner = source.file_of()
@@ -408,7 +455,10 @@ def _read_scales(source: Source, targets: dict[str, Target]) -> dict[str, torch.
 
 
 def load_dit(source: Source, device: torch.device, storage: torch.dtype, compute: torch.dtype,
-             progress: Optional[ProgressFn] = None) -> dit_mod.ZImageDiT:
+             progress: Optional[ProgressFn] = None, fp8_matmul: bool = False) -> dit_mod.ZImageDiT:
+    """The DiT streamed to ``device``. With fp8 ``storage`` every 2-D matmul weight is fp8 with a per-tensor
+    scale (``_stream_into``); ``fp8_matmul`` (e4m3 storage) also turns on fp8 matmuls for the blocks'
+    attention and feed-forward linears (``ops.set_fp8_matmul``; they run on CUDA only, else dequantized)."""
     shapes = source.shapes
     targets = dit_targets(list(shapes), source.prefix, source.layout)
     cfg = dit_mod.dit_config_from_shapes(original_shapes(shapes, targets))
@@ -419,6 +469,8 @@ def load_dit(source: Source, device: torch.device, storage: torch.dtype, compute
     if model.norm_final.weight.is_meta:  # unused by the forward; diffusers folders lack it
         set_module_tensor(model, "norm_final.weight", torch.ones(cfg.dim, device=device, dtype=compute))
     _check_complete(model, source)
+    if fp8_matmul:
+        set_fp8_matmul(model, True)
     return model.eval().requires_grad_(False)
 
 
@@ -437,8 +489,10 @@ class LazyTextEncoder:
     module: Optional[te_mod.ZImageTextEncoder] = None
 
     def __post_init__(self) -> None:
-        # taken now: the files may be moved later, while the loaded model stays in use
-        self._identity = f"{self.source.identity};{_dtype_name(self.storage)}/{_dtype_name(self.compute)}"
+        # taken now: the files may be moved later, while the loaded model stays in use. fp8 storage is named
+        # "-scaled" (per-tensor scales): embeddings cached on disk from the earlier plain fp8 cast are not reused
+        scaled = "-scaled" if self.storage in FP8 else ""
+        self._identity = f"{self.source.identity};{_dtype_name(self.storage)}{scaled}/{_dtype_name(self.compute)}"
 
     @property
     def identity(self) -> str:

@@ -2,16 +2,17 @@
 
 ``read_header`` parses the 8-byte length and the JSON header itself, so that every way a file can be
 wrong (a pickle, a truncated download, a corrupt header) becomes a ``CheckpointError`` naming the file
-before anything is allocated. Tensor data is read only through ``safetensors.safe_open`` (memory
-mapped), one tensor at a time. Pickle files are refused from their name or first bytes: nothing here
-unpickles.
+before anything is allocated. To a CPU, tensor data is read through ``safetensors.safe_open`` (memory
+mapped), one tensor at a time; to a CUDA device, through ``fastread`` (parallel DMA from the page cache,
+see that module; ``ZIMAGE_FASTREAD=0`` restores the one-at-a-time path). Pickle files are refused from
+their name or first bytes: nothing here unpickles.
 """
 from __future__ import annotations
 
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -49,10 +50,14 @@ _PICKLE_PROTOCOLS = range(2, 6)  # a pickle stream starts with PROTO (0x80) and 
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """One tensor as the header describes it; dtype is the header's name ("BF16", "F8_E4M3", ...)."""
+    """One tensor as the header describes it; dtype is the header's name ("BF16", "F8_E4M3", ...).
+
+    ``offset`` is the absolute byte offset of the tensor's data in the file ``read_header`` read it from
+    (-1 when unknown); it takes no part in equality, hashing or repr."""
     dtype: str
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = field(default=-1, compare=False, repr=False)
 
 
 @dataclass
@@ -162,9 +167,10 @@ def read_header(path: str | Path) -> Header:
                        "{string: string}")
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int, str]] = []
+    data_start = 8 + n
     for name, entry in parsed.items():
         info, begin, end = _parse_entry(path, name, entry)
-        tensors[name] = info
+        tensors[name] = TensorInfo(info.dtype, info.shape, info.nbytes, offset=data_start + begin)
         spans.append((begin, end, name))
 
     data_size = file_size - 8 - n
@@ -208,25 +214,46 @@ def _convert(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -
 def stream_tensors(path: str | Path, names: Iterable[str], device: torch.device | str,
                    dtype_for: Callable[[str, TensorInfo], torch.dtype | None]
                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) for each name in order, read from the memory-mapped file one at a time and
-    moved to ``device`` in ``dtype_for(name, info)`` (None keeps the file's dtype)."""
+    """Yield (name, tensor) once for each name, on ``device`` in ``dtype_for(name, info)`` (None keeps the
+    file's dtype). No full host copy of the file is made.
+
+    To a CUDA device (unless ``ZIMAGE_FASTREAD=0``) the tensors are read by ``fastread.read_tensors``:
+    in parallel, yielded in the order they complete (not the order of ``names``), each ready for use on
+    the caller's current stream. Elsewhere they are read from the memory-mapped file one at a time, in
+    the order of ``names``. Every failure is a ``CheckpointError`` naming the file (a CUDA out-of-memory
+    error stays one)."""
     path = Path(path)
     device = torch.device(device)
+    names = list(names)
+    if device.type == "cuda" and len(set(names)) == len(names):
+        from . import fastread  # imported here: fastread imports this module
+        if fastread.enabled():
+            yield from fastread.read_tensors(path, names, device, dtype_for)
+            return
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             available = set(f.keys())
             for name in names:
                 if name not in available:
-                    raise CheckpointError(f"{path.name} has no tensor '{name}'.", found=str(path),
-                                          expected=f"a tensor named '{name}'",
-                                          fix="pick the complete, unmodified model file")
+                    raise missing_tensor(path, name)
                 t = f.get_tensor(name)
                 info = TensorInfo(TORCH_TO_ST[t.dtype], tuple(t.shape), t.numel() * t.element_size())
                 yield name, _convert(t, device, dtype_for(name, info))
                 del t
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"Cannot read tensors from {path.name}.", found=f"{e} ({path})",
-                              expected="a valid safetensors file", fix="download the file again") from e
+        raise unreadable(path, e) from e
+
+
+def missing_tensor(path: Path, name: str) -> CheckpointError:
+    """The error for a tensor ``name`` that the file ``path`` lacks."""
+    return CheckpointError(f"{path.name} has no tensor '{name}'.", found=str(path),
+                           expected=f"a tensor named '{name}'", fix="pick the complete, unmodified model file")
+
+
+def unreadable(path: Path, exc: BaseException) -> CheckpointError:
+    """The error for a file whose tensor data cannot be read (``exc`` says why)."""
+    return CheckpointError(f"Cannot read tensors from {path.name}.", found=f"{exc} ({path})",
+                           expected="a valid safetensors file", fix="download the file again")
 
 
 def set_module_tensor(module: nn.Module, name: str, value: torch.Tensor) -> None:

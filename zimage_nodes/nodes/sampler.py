@@ -55,16 +55,17 @@ class ZImageSampler:
                 "latent": ("LATENT", {"tooltip": "Start from this latent (image-to-image with denoise < 1)."}),
                 "image": ("IMAGE", {"tooltip": "Start from this image (encoded with the loader's VAE)."}),
                 "compile": (list(runtime.COMPILE_CHOICES), {
-                    "default": "off",
+                    "default": "auto",
                     "tooltip": "blocks = run the DiT's transformer blocks through torch.compile (needs triton on "
-                               "NVIDIA). The first run at a new size or caption-length bucket (128 tokens) "
-                               "compiles for a while; later runs are faster. Same image as off up to rounding. "
+                               "NVIDIA); auto = blocks when the DiT runs resident on an NVIDIA GPU with triton, "
+                               "else off. The first run (and a new batch size) compiles for a few seconds; "
+                               "other sizes and prompt lengths reuse it. Same image as off up to rounding. "
                                "Falls back to off if compiling fails."}),
             },
         }
 
     def sample(self, model, positive, width, height, seed, steps, schedule, shift, cfg, batch_size, max_batch,
-               denoise, negative=None, latent=None, image=None, compile="off"):
+               denoise, negative=None, latent=None, image=None, compile="auto"):
         latent_out, images, report = runtime.sample(model, positive, width, height, seed, steps, schedule, shift,
                                                     cfg, batch_size, max_batch, denoise, negative, latent, image,
                                                     compile_mode=compile)
