@@ -304,6 +304,6 @@ def prepare_dit_weights(dit: torch.nn.Module, policy: P.Policy, storage: torch.d
     if reason is None:
         n = ops.set_fp8_matmul(dit, True)
         return (f"{head}, fp8 matmuls (torch._scaled_mm) in the {n} attention/feed-forward linears of the "
-                f"blocks (activations scaled per tensor); embedders, adaLN and final layer dequantized to {matmul}")
+                f"blocks (activations scaled per token); embedders, adaLN and final layer dequantized to {matmul}")
     ops.set_fp8_matmul(dit, False)
     return f"{head}, {matmul} matmuls: fp8_fast fell back ({reason})"

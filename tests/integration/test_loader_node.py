@@ -10,10 +10,8 @@ import contextlib
 import copy
 import gc
 import json
-import math
 import pickle
 import shutil
-import struct
 import sys
 import uuid
 import weakref
@@ -134,20 +132,6 @@ def is_registered(patcher) -> bool:
 
 
 # ---------------------------------------------------------------- extra model folders
-
-def write_fake(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> Path:
-    """A valid safetensors file with these keys and shapes, all zeros (sparse)."""
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        n = math.prod(shape) * 2
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-    return path
-
 
 @contextlib.contextmanager
 def extra_folder(folder_name: str, path: Path) -> Iterator[Path]:
@@ -459,7 +443,7 @@ FOREIGN_DIT = {
 @pytest.mark.parametrize("name", sorted(FOREIGN_DIT))
 def test_another_models_file_in_the_dit_slot(comfy, extra_models, name) -> None:
     shapes, what = FOREIGN_DIT[name]
-    write_fake(extra_models("diffusion_models") / name, shapes)
+    weights.write_sparse(extra_models("diffusion_models") / name, shapes)
     r = comfy.run(loader_prompt(dit_name=name))
     msg = assert_user_error(r, name, what, "`dit_name`", "Z-Image DiT", "pick")
     assert "Expected: the Z-Image DiT (diffusion_models/z_image_turbo_bf16.safetensors)" in msg
@@ -475,11 +459,11 @@ def test_the_vae_in_the_dit_slot_says_which_input_it_belongs_to(comfy, extra_mod
 
 
 def test_wrong_files_in_the_text_encoder_and_vae_slots(comfy, extra_models) -> None:
-    write_fake(extra_models("text_encoders") / "t5xxl.safetensors",
+    weights.write_sparse(extra_models("text_encoders") / "t5xxl.safetensors",
                {"encoder.block.0.layer.0.SelfAttention.q.weight": (64, 64), "shared.weight": (32, 64)})
     r = comfy.run(loader_prompt(text_encoder_name="t5xxl.safetensors"))
     assert_user_error(r, "t5xxl.safetensors", "T5", "`text_encoder_name`", "Qwen3-4B")
-    write_fake(extra_models("vae") / "sdxl_vae.safetensors",
+    weights.write_sparse(extra_models("vae") / "sdxl_vae.safetensors",
                {"decoder.conv_in.weight": (64, 4, 3, 3), "decoder.conv_out.weight": (3, 64, 3, 3),
                 "encoder.conv_in.weight": (64, 3, 3, 3)})
     r = comfy.run(loader_prompt(vae_name="sdxl_vae.safetensors"))

@@ -1,9 +1,7 @@
 """core.identify: every generated layout, real module key sets, crafted foreign files, and expect()'s errors."""
 from __future__ import annotations
 
-import json
 import math
-import struct
 from pathlib import Path
 
 import pytest
@@ -12,22 +10,9 @@ import torch
 from zimage_nodes.core.errors import CheckpointError
 from zimage_nodes.core.identify import Kind, expect, identify
 from zimage_nodes.core.st_io import DTYPES, Header, TensorInfo, read_header
+from zimage_nodes.testing import weights
 
 DIFFUSERS = Path("diffusers") / "Z-Image-Turbo"
-
-
-def write_fake(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "BF16") -> Path:
-    """A valid safetensors file with these keys and shapes whose data is all zeros (a sparse file)."""
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        n = math.prod(shape) * DTYPES[dtype][0]
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-    return path
 
 
 def fake_header(shapes: dict[str, tuple[int, ...]], name: str = "model.safetensors",
@@ -191,7 +176,7 @@ QWEN3_8B = {"model.embed_tokens.weight": (151936, 4096), "model.norm.weight": (4
     ("qwen_3_8b.safetensors", QWEN3_8B, Kind.QWEN3_TE, "a Qwen3-8B text encoder"),
 ])
 def test_foreign_files(tmp_path: Path, name: str, shapes: dict, kind: Kind, words: str) -> None:
-    header = read_header(write_fake(tmp_path / name, shapes))
+    header = read_header(weights.write_sparse(tmp_path / name, shapes))
     ident = identify(header)
     assert ident.kind == kind and words in ident.description
     for want, slot in ((Kind.ZIMAGE_DIT, "dit_name"), (Kind.FLUX_VAE, "vae_name")):
@@ -206,7 +191,7 @@ def test_sdxl_full_checkpoint(tmp_path: Path) -> None:
               **{"first_stage_model." + k: s for k, s in SD_VAE.items()},
               **{"conditioner.embedders.0.transformer." + k: s for k, s in CLIP_L.items()},
               **{"conditioner.embedders.1.model." + k: s for k, s in CLIP_G_OPEN.items()}}
-    header = read_header(write_fake(tmp_path / "sd_xl_base_1.0.safetensors", shapes))
+    header = read_header(weights.write_sparse(tmp_path / "sd_xl_base_1.0.safetensors", shapes))
     ident = identify(header)
     assert ident.kind == Kind.FULL_CHECKPOINT
     assert sorted(p.kind for p in ident.parts) == sorted([Kind.SDXL_UNET, Kind.SD_VAE, Kind.CLIP_TE, Kind.CLIP_TE])

@@ -12,8 +12,9 @@ Shapes and recompiles. Two layouts:
   blocks) serves every resolution and every caption length. The caption keeps ComfyUI's padding to a
   multiple of 32 and nothing is masked, so attention runs unmasked (cuDNN/flash) and the numerics are
   eager's up to inductor's fusion rounding. The batch dimension stays static (``mark_static``): each
-  batch size compiles its own graphs once, so the same prompt gives the same image whatever ran before
-  (with a dynamic batch, a batch of 2 in between made batch-1 images differ by up to 6/255 on an H200);
+  batch size compiles its own graphs once, so a batch-1 prompt runs the same graph whatever batch sizes
+  ran before (after a batch of 2, automatic dynamic shapes would otherwise switch it to a dynamic-batch
+  graph, whose kernels may round differently);
 - ``cap_bucket=N`` (a multiple of 32): static shapes (``dynamic=False``), the caption padded to a
   multiple of N and the extra pads masked out of attention (RoPE positions stay ComfyUI's), so prompts
   of one bucket share a graph; each resolution and bucket compiles its own graphs. Kept for comparison:

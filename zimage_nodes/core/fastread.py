@@ -21,8 +21,9 @@ CUDA stream, and copy every piece into its tensor's destination bytes:
   ``ZIMAGE_LOAD_HOLD_CHUNKS`` chunks registered and then unregisters the oldest (and, with
   ``ZIMAGE_LOAD_DROP_PAGES=1``, drops its pages from this process's mapping). Chunks never share a page,
   so two registrations never overlap. It measured slower than pread (at best 28.9 GB/s, one thread,
-  256 MiB chunks), as registering and unregistering serialise in the driver. A refused registration falls
-  back to pread and is remembered for the rest of the process.
+  256 MiB chunks; more threads did not help, so registering and unregistering probably serialise in the
+  driver, not measured directly). A refused registration falls back to pread and is remembered for the
+  rest of the process.
 
 Device memory. Destination tensors (raw bytes in the file's dtype) are allocated in file order on the
 caller's current stream (so its caching-allocator pool gets them back), and a worker's stream waits on
@@ -90,24 +91,19 @@ def enabled() -> bool:
     return os.environ.get(ENV_MODE, "").strip().lower() not in _OFF
 
 
-def load_threads() -> int:
-    """``ZIMAGE_LOAD_THREADS``, or ``min(12, os.cpu_count())``; at least 1."""
-    raw = os.environ.get(ENV_THREADS, "").strip()
-    if raw:
-        try:
-            return max(1, min(64, int(raw)))
-        except ValueError:
-            logger.warning("%s=%r is not a number; using the default", ENV_THREADS, raw)
-    return max(1, min(MAX_THREADS, os.cpu_count() or 1))
-
-
 def _int_env(name: str, default: int) -> int:
+    """A positive integer from the environment (at least 1), or ``default`` when unset or not a number."""
     raw = os.environ.get(name, "").strip()
     try:
         return max(1, int(raw)) if raw else default
     except ValueError:
         logger.warning("%s=%r is not a number; using the default", name, raw)
         return default
+
+
+def load_threads() -> int:
+    """``ZIMAGE_LOAD_THREADS`` (at most 64), or ``min(12, os.cpu_count())``; at least 1."""
+    return min(64, _int_env(ENV_THREADS, max(1, min(MAX_THREADS, os.cpu_count() or 1))))
 
 
 def hold_chunks() -> int:
@@ -122,13 +118,7 @@ def drop_pages() -> bool:
 
 def chunk_bytes_setting() -> int:
     """``ZIMAGE_LOAD_CHUNK_MB`` in bytes, or 64 MiB."""
-    raw = os.environ.get(ENV_CHUNK_MB, "").strip()
-    if raw:
-        try:
-            return max(1, int(raw)) * MiB
-        except ValueError:
-            logger.warning("%s=%r is not a number; using the default", ENV_CHUNK_MB, raw)
-    return DEFAULT_CHUNK_BYTES
+    return _int_env(ENV_CHUNK_MB, DEFAULT_CHUNK_BYTES // MiB) * MiB
 
 
 # ================================================================ planning (pure)

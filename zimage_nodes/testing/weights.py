@@ -319,9 +319,24 @@ class SafetensorsWriter:
         self._f.close()
         self.path.unlink(missing_ok=True)
 
+    def close_sparse(self) -> None:
+        """End the file with every tensor not yet written as zeros, without writing them (a sparse file)."""
+        left = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.entries[self._next:])
+        self._f.truncate(self._f.tell() + left)
+        self._next = len(self.entries)
+        self._f.close()
+
     @property
     def paths(self) -> list[Path]:
         return [self.path]
+
+
+def write_sparse(path: Path, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.bfloat16) -> Path:
+    """A valid safetensors file with these keys and shapes whose data is all zeros, as a sparse file: for
+    tests that need a file's layout (identification, foreign models in a slot), not its values."""
+    writer = SafetensorsWriter(Path(path), [(k, dtype, tuple(s)) for k, s in shapes.items()])
+    writer.close_sparse()
+    return Path(path)
 
 
 def shard_of(sizes: Sequence[int], n: int) -> list[int]:
