@@ -20,16 +20,6 @@ PROMPTS = ["a photo of a cat sitting on a windowsill, golden hour",
            ""]
 
 
-@pytest.fixture(scope="module")
-def comfy_root(request, tmp_path_factory) -> Path:
-    """ComfyUI importable: the shared session fixture, or a bare base directory while the shared
-    checkpoint writer it needs is not there yet."""
-    try:
-        return request.getfixturevalue("comfy_modules")
-    except (ImportError, AttributeError):
-        return comfy_env.ensure_comfy_importable(tmp_path_factory.mktemp("cb"))
-
-
 def tokenizer_folder() -> Path:
     return comfy_env.comfy_root() / "comfy" / "text_encoders" / "qwen25_tokenizer"
 
@@ -121,7 +111,7 @@ def test_bf16_build_keeps_fp32_rope(file_state):
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32 and not model.model.rotary_emb.inv_freq.is_meta
 
 
-def test_equals_comfyui_text_encoder(comfy_root, file_state, encoder, tokenizer, monkeypatch):
+def test_equals_comfyui_text_encoder(comfy_modules, file_state, encoder, tokenizer, monkeypatch):
     """ComfyUI's own Z-Image path (ZImageTokenizer -> ZImageTEModel: Llama2_ with Qwen3_4BConfig,
     layer_idx=-2, no final norm on the intermediate) with the same tiny weights."""
     import comfy.text_encoders.llama

@@ -1,30 +1,18 @@
 """core.vae: config and key map from both layouts, equality with ComfyUI's own VAE, tiling, dtype rule."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import save_file
 
-from tests import comfy_env
 from zimage_nodes.core import vae as V
 from zimage_nodes.core.errors import CheckpointError, InputError
 from zimage_nodes.core.st_io import read_header
 
 TINY_CHANNELS = [32, 32, 64, 64]
 FULL_CHANNELS = [128, 256, 512, 512]
-
-
-@pytest.fixture(scope="module")
-def comfy_root(request, tmp_path_factory) -> Path:
-    """ComfyUI importable: the shared session fixture, or a bare base directory while the shared
-    checkpoint writer it needs is not there yet."""
-    try:
-        return request.getfixturevalue("comfy_modules")
-    except (ImportError, AttributeError):
-        return comfy_env.ensure_comfy_importable(tmp_path_factory.mktemp("cb"))
 
 
 def diffusers_vae(channels: list[int], seed: int = 0) -> AutoencoderKL:
@@ -46,7 +34,7 @@ def shapes_of(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 
 
 @pytest.fixture(scope="module")
-def tiny(comfy_root) -> dict[str, dict[str, torch.Tensor]]:
+def tiny(comfy_modules) -> dict[str, dict[str, torch.Tensor]]:
     diffusers = diffusers_vae(TINY_CHANNELS).state_dict()
     return {"diffusers": diffusers, "bfl": to_bfl(diffusers)}
 
@@ -125,7 +113,7 @@ def test_load_vae_streams_a_bfl_file(tiny, tmp_path):
         assert torch.equal(state[name], value.to(torch.bfloat16).float()), name
 
 
-def test_full_size_decode_and_encode_equal_comfyui(comfy_root):
+def test_full_size_decode_and_encode_equal_comfyui(comfy_modules):
     """The full-size Flux VAE (84M random parameters, fp32) through ZImageVAE and through
     ComfyUI's comfy.sd.VAE built from the same BFL state dict."""
     import comfy.sd
