@@ -92,7 +92,7 @@ def fake_caption(dim: int = 2560):
 
 # ---------------------------------------------------------------- workers (one process each)
 
-def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False) -> dict:
+def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention: str = "sdpa") -> dict:
     import torch
     from zimage_nodes.core import compile as dit_compile, loader, policy as P, sampling, schedule, vae as vae_mod
     from zimage_nodes.core.streaming import BlockStreamer
@@ -111,6 +111,8 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False) -> dict:
     dit = loader.load_dit(plan.dit, torch.device("cpu") if streamed else dev, torch.bfloat16, torch.bfloat16)
     torch.cuda.synchronize()
     load_s = time.time() - t0
+    if attention != "sdpa" and (why := dit.set_attention_backend(attention)):
+        raise RuntimeError(why)
     vae = loader.load_vae(plan.vae, dev, torch.bfloat16)
     streamer = None
     if streamed:
@@ -135,6 +137,7 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False) -> dict:
             ref_x0 = sampling.sample(dit, noise, sigmas, cap_feats)
             ref_img = vae.decode(vae_mod.model_to_raw(ref_x0)).float()
         ops.quantize_linears_fp8(dit, fp8_matmul=True)
+        fp8_attention = dit.set_fp8_attention(True)  # FA3's fp8 forward when the backend is fa3
         torch._dynamo.reset()
         if compiled:
             dit_compile.disable(dit)
@@ -170,8 +173,10 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False) -> dict:
             mad = float((img - ref_img).abs().mean())
             latent_rel = float((x0.float() - ref_x0.float()).norm() / ref_x0.float().norm())
     dit_s = statistics.median(r[0] for r in res)
-    mode = mplan.describe() + (", compiled" if compiled else "") + (", fp8 matmuls" if fp8 else "")
-    return {"peer": "ours_fp8" if fp8 else "ours", "cap": cap, "mode": mode, "dit_s": dit_s,
+    mode = (mplan.describe() + (", compiled" if compiled else "") + (", fp8 matmuls" if fp8 else "")
+            + (f", attention {attention}" + (" fp8" if fp8 and fp8_attention else "") if attention != "sdpa" else ""))
+    peer = ("ours_fp8" if fp8 else "ours") + ("" if attention == "sdpa" else f"_{attention}")
+    return {"peer": peer, "cap": cap, "mode": mode, "dit_s": dit_s,
             "vae_s": statistics.median(r[1] for r in res), "finite": all(r[2] for r in res),
             "fwd_s": dit_s / (len(sigmas) - 1), "fwd_alone_s": statistics.median(fwd_times),
             "image_mad_vs_bf16": mad, "latent_rel_l2_vs_bf16": latent_rel, "peak_gb": torch.cuda.max_memory_allocated() / GB,
@@ -381,7 +386,16 @@ def worker_ours_fp8(root: Path, cap: float, runs: int) -> dict:
     return worker_ours(root, cap, runs, fp8=True)
 
 
-WORKERS = {"ours": worker_ours, "ours_fp8": worker_ours_fp8, "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib,
+def worker_ours_fa3(root: Path, cap: float, runs: int) -> dict:
+    return worker_ours(root, cap, runs, attention="fa3")
+
+
+def worker_ours_fp8_fa3(root: Path, cap: float, runs: int) -> dict:
+    return worker_ours(root, cap, runs, fp8=True, attention="fa3")
+
+
+WORKERS = {"ours": worker_ours, "ours_fp8": worker_ours_fp8, "ours_fa3": worker_ours_fa3,
+           "ours_fp8_fa3": worker_ours_fp8_fa3, "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib,
            "modes": worker_modes}
 
 

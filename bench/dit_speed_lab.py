@@ -278,6 +278,143 @@ def fp8_lab(args) -> None:
     torch.cuda.empty_cache()
 
 
+class _Graphed:
+    """One CUDA graph of a whole DiT forward for one input signature (lab prototype): static inputs are
+    refilled and the graph replayed; the output is cloned so the next replay cannot overwrite it."""
+
+    def __init__(self, model, x, sigma, cap) -> None:
+        self.sx, self.ss, self.sc = x.clone(), sigma.clone(), cap.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            model(self.sx, self.ss, self.sc)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        t0 = time.perf_counter()
+        with torch.cuda.graph(self.graph):
+            self.out = model(self.sx, self.ss, self.sc)
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
+
+    def __call__(self, x, sigma, cap):
+        self.sx.copy_(x)
+        self.ss.copy_(sigma)
+        self.sc.copy_(cap)
+        self.graph.replay()
+        return self.out.clone()
+
+
+def fuse_w13_module(model) -> None:
+    """w1|w3 as one CastLinear ``w13`` (so fp8 quantizes its input once); lab only."""
+    from zimage_nodes.core.ops import CastLinear as CL
+    for block in dit_compile.blocks(model):
+        ff = block.feed_forward
+        w = torch.cat([ff.w1.weight, ff.w3.weight]).detach()
+        lin = CL(w.shape[1], w.shape[0], bias=False, device=w.device, dtype=w.dtype)
+        lin.weight = torch.nn.Parameter(w, requires_grad=False)
+        ff.w13 = lin
+
+        def fwd(x, ff=ff):
+            a, b = ff.w13(x).chunk(2, dim=-1)
+            return ff.w2(F.silu(a) * b)
+        ff.forward = fwd
+
+
+def fa3_probe() -> None:
+    """FlashAttention-3 forward (official ``flash_attn_interface`` or the ``fa3_fwd`` wheel) against SDPA at one
+    1024x1024 forward's attention (30 heads x 4224 tokens x 128): time and relative error, bf16 and fp8 e4m3
+    (per-head scales: amax / 448; descales passed to the kernel)."""
+    mod = None
+    for name in ("flash_attn_interface", "fa3_fwd_interface"):
+        try:
+            mod = __import__(name)
+            break
+        except Exception as e:  # noqa: BLE001
+            row(f"fa3 import {name}", error=f"{type(e).__name__}: {str(e)[:300]}")
+    if mod is None:
+        return
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, k, v = (torch.randn(1, 4224, 30, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    k = k * 2.0
+    ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+    sdpa = timed(lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))), 20)
+
+    def first(o):
+        return o[0] if isinstance(o, tuple) else o
+    try:
+        out = first(mod.flash_attn_func(q, k, v))
+        row("fa3 bf16", s=timed(lambda: mod.flash_attn_func(q, k, v), 20), sdpa_s=sdpa, rel_vs_sdpa=rel(out, ref))
+    except Exception as e:  # noqa: BLE001
+        row("fa3 bf16", error=f"{type(e).__name__}: {str(e)[:300]}")
+    try:
+        def quant(t):
+            s = (t.abs().amax(dim=(1, 3)).float() / 448.0).clamp_min(1e-12)  # [B, H]
+            return (t.float() / s[:, None, :, None]).to(torch.float8_e4m3fn), s
+        (q8, sq), (k8, sk), (v8, sv) = quant(q), quant(k), quant(v)
+        out = first(mod.flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv))
+        row("fa3 fp8", s=timed(lambda: mod.flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv), 20),
+            sdpa_s=sdpa, rel_vs_sdpa=rel(out, ref), out_dtype=str(out.dtype),
+            quant_s=timed(lambda: (quant(q), quant(k), quant(v)), 20))
+    except Exception as e:  # noqa: BLE001
+        row("fa3 fp8", error=f"{type(e).__name__}: {str(e)[:300]}")
+
+
+def graph_lab(args) -> None:
+    """Loop time of 8 compiled forwards, plain and replayed from a whole-forward CUDA graph, in bf16 and
+    fp8 matmuls, with w1|w3 separate and fused; batch-4 throughput; whether SDPA takes fp8 inputs."""
+    import re
+    from zimage_nodes.core import ops, sampling, schedule
+    dev = "cuda"
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(1, 16, 128, 128, generator=g).to(dev)
+    cap = (torch.randn(1, 128, FULL.cap_feat_dim, generator=g) * 3).to(dev, torch.bfloat16)
+    sigmas = schedule.make_sigmas("turbo", 9)
+    q = torch.randn(1, 30, 4224, 128, device=dev, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        fa3_probe()
+        row("sdpa bf16 30x4224x128", s=timed(lambda: F.scaled_dot_product_attention(q, q, q), 20))
+        try:
+            q8 = q.to(torch.float8_e4m3fn)
+            row("sdpa fp8 30x4224x128", s=timed(lambda: F.scaled_dot_product_attention(q8, q8, q8), 20))
+        except Exception as e:  # noqa: BLE001
+            row("sdpa fp8 30x4224x128", error=f"{type(e).__name__}: {str(e)[:200]}")
+        ref = None
+        for fp8 in (False, True):
+            for fused in (False, True):
+                model = random_dit(FULL, dev, torch.bfloat16)
+                if fused:
+                    fuse_w13_module(model)
+                if fp8:
+                    ops.quantize_linears_fp8(model, fp8_matmul=True, matmul_names=re.compile(
+                        r"(?:^|\.)(?:noise_refiner|context_refiner|layers)\.\d+\.(?:attention\.(?:qkv|out)|feed_forward\.w(?:13|[123]))$"))
+                torch._dynamo.reset()
+                dit_compile.enable(model)
+                label = ("fp8" if fp8 else "bf16") + (" w13 fused" if fused else "")
+                try:
+                    out = model(noise, sigmas[:1].to(dev), cap)
+                    if ref is None:
+                        ref = out
+                    plain = timed(lambda: sampling.sample(model, noise, sigmas, cap), 3)
+                    gr = _Graphed(model, noise, sigmas[:1].to(dev), cap)
+                    graphed = timed(lambda: sampling.sample(gr, noise, sigmas, cap), 3)
+                    extra = {}
+                    if not fp8 and not fused:
+                        n4 = noise.expand(4, -1, -1, -1).contiguous()
+                        b4 = timed(lambda: sampling.sample(model, n4, sigmas, cap), 2)
+                        extra = {"loop8_batch4_s": b4, "batch4_throughput_x": 4 * plain / b4}
+                    row(f"graph lab {label}", loop8_s=plain, s=plain / 8, graphed_loop8_s=graphed,
+                        graphed_s_per_forward=graphed / 8, capture_s=gr.capture_s,
+                        rel_vs_bf16=rel(out, ref), **extra)
+                    if fp8:
+                        row(f"profile {label}", **profile_breakdown(lambda: gr(noise, sigmas[:1].to(dev), cap)))
+                    del gr
+                except Exception as e:  # noqa: BLE001
+                    row(f"graph lab {label}", error=f"{type(e).__name__}: {str(e)[:300]}")
+                dit_compile.disable(model)
+                del model
+                torch.cuda.empty_cache()
+
+
 def _time_compiled(label: str, model, noise, sigma, cap, bucket, backend, ref=None) -> None:
     """Compile the blocks (static shapes; ``bucket`` None = ComfyUI's padding, no mask), time a forward."""
     torch._dynamo.reset()
@@ -490,17 +627,21 @@ def main() -> None:
     ap.add_argument("--skip-dit", action="store_true")
     ap.add_argument("--compile-lab", action="store_true", help="only the compile/fp8 section (no I/O)")
     ap.add_argument("--fp8-lab", action="store_true", help="only the pack's fp8 path (no I/O)")
+    ap.add_argument("--graph-lab", action="store_true",
+                    help="only CUDA graphs / fused w1|w3 / batch 4 / fp8 SDPA probe (no I/O)")
     ap.add_argument("--io-gb", type=float, default=12.0)
     ap.add_argument("--io-path", default="/tmp/io_lab.bin")
     args = ap.parse_args()
     row("device", gpu=torch.cuda.get_device_name(0), torch=torch.__version__, cpus=os.cpu_count())
-    if args.fp8_lab:
+    if args.graph_lab:
+        graph_lab(args)
+    elif args.fp8_lab:
         fp8_lab(args)
     elif args.compile_lab:
         compile_lab(args)
     elif not args.skip_dit:
         dit_lab(args)
-    if args.io_gb > 0 and not (args.compile_lab or args.fp8_lab):
+    if args.io_gb > 0 and not (args.compile_lab or args.fp8_lab or args.graph_lab):
         io_lab(args)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from zimage_nodes.core import attention as attn
 from zimage_nodes.core.dit import DiTConfig, ZImageDiT, dit_config_from_shapes
@@ -185,16 +186,55 @@ def test_attention_backend_fallback(monkeypatch):
     assert attn.resolve_backend("sdpa") == ("sdpa", None)
     with pytest.raises(InputError):
         attn.resolve_backend("bogus")
-    monkeypatch.setitem(attn._PACKAGES, "sage", "zimage_test_no_such_module")
-    attn._kernel.cache_clear()
+    monkeypatch.setitem(attn._PACKAGES, "sage", ("zimage_test_no_such_module",))
+    monkeypatch.setitem(attn._PACKAGES, "fa3", ("zimage_test_no_fa3", "zimage_test_no_fa3_fwd"))
+    attn.forget_backends()
     try:
         backend, reason = attn.resolve_backend("sage")
         assert backend == "sdpa" and "sage" in reason and "sage" not in attn.available_backends()
         assert ZImageDiT(TINY, device="meta").set_attention_backend("sage") == reason
+        backend, reason = attn.resolve_backend("fa3")
+        assert backend == "sdpa" and "zimage_test_no_fa3 / zimage_test_no_fa3_fwd" in reason
+        model = ZImageDiT(TINY, device="meta")
+        model.set_attention_backend("fa3")
+        assert model.set_fp8_attention(True) is False  # not installed: no fp8 attention, nothing switched on
+        assert not any(getattr(m, "fp8", False) for m in model.modules())
     finally:
-        attn._kernel.cache_clear()
+        attn.forget_backends()
     q, k, v = torch.randn(3, 1, 2, 40, 128).unbind(0)
     assert torch.equal(attn.attention(q, k, v, "flash"), attn.attention(q, k, v))  # CPU fp32 runs as SDPA
+    assert torch.equal(attn.attention(q, k, v, "fa3", fp8=True), attn.attention(q, k, v))  # fp8 needs FA3 on CUDA
+
+
+def test_fa3_fp8_quantizes_per_head_and_passes_descales(monkeypatch):
+    """The glue around FA3's fp8 forward (the kernel itself needs a Hopper GPU: bench/dit_speed_lab.py checks
+    it there): q/k/v are quantized to e4m3 with one scale per (batch, head), so every head uses fp8's whole
+    range, and the descales passed are the ones that undo it. A stand-in with FA3's signature dequantizes
+    with those descales and runs SDPA: the result must match attention in fp32 up to fp8 rounding."""
+    seen = {}
+
+    class StandIn:
+        @staticmethod
+        def flash_attn_func(q, k, v, q_descale=None, k_descale=None, v_descale=None):  # [B, L, H, D]
+            seen.update(dtypes={q.dtype, k.dtype, v.dtype}, shape=tuple(q_descale.shape))
+            deq = [t.float() * s[:, None, :, None] for t, s in ((q, q_descale), (k, k_descale), (v, v_descale))]
+            out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in deq)).transpose(1, 2)
+            return out.to(torch.bfloat16), None
+
+    monkeypatch.setattr(attn, "_module", lambda backend: StandIn)
+    g = torch.Generator().manual_seed(0)
+    spread = torch.tensor([0.01, 1.0, 100.0])[:, None, None]  # heads of very different magnitude
+    q, k, v = (torch.randn(2, 3, 64, 32, generator=g) for _ in range(3))
+    q, k, v = q.bfloat16(), k.bfloat16(), (v * spread).bfloat16()
+    out = attn._fa3_fp8(q, k, v)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    assert seen == {"dtypes": {attn.E4M3}, "shape": (2, 3)} and out.dtype == torch.bfloat16
+    for h in range(3):  # e4m3 keeps 3 mantissa bits (measured 2-7% per head)
+        assert rel_err(out[:, h].float(), ref[:, h]) < 0.1, h
+    v8, scale = attn._quantize_heads(v.transpose(1, 2))
+    assert scale.shape == (2, 3)
+    assert torch.equal(v8.float().abs().amax(dim=(1, 3)), torch.full((2, 3), attn.E4M3_MAX))  # each head full range
+    assert rel_err(v8.float() * scale[:, None, :, None], v.transpose(1, 2).float()) < 0.04
 
 
 @torch.inference_mode()

@@ -1,5 +1,11 @@
 """Attention backends for the DiT: PyTorch SDPA (always there) and, when installed, flash-attn,
-xformers and SageAttention. Optional packages are imported on first use, never at module import."""
+xformers, SageAttention and FlashAttention-3 (``fa3``: the official Hopper build's ``flash_attn_interface``,
+or the forward-only ``fa3-fwd`` wheel's ``fa3_fwd_interface``). Optional packages are imported on first
+use, never at module import.
+
+fp8 attention (``attention(..., fp8=True)``, backend ``fa3`` on CUDA): q, k and v are quantized to e4m3 with
+one scale per (batch, head), ``amax / 448``, and FA3's fp8 forward applies the descales (its output is bf16).
+Anything else ignores ``fp8`` and runs the backend in q's dtype."""
 from __future__ import annotations
 
 import functools
@@ -12,8 +18,12 @@ from torch import Tensor
 
 from .errors import InputError
 
-BACKENDS: tuple[str, ...] = ("sdpa", "flash", "xformers", "sage")
-_PACKAGES = {"flash": "flash_attn", "xformers": "xformers.ops", "sage": "sageattention"}
+BACKENDS: tuple[str, ...] = ("sdpa", "flash", "xformers", "sage", "fa3")
+# backend -> the modules that provide it, tried in order
+_PACKAGES = {"flash": ("flash_attn",), "xformers": ("xformers.ops",), "sage": ("sageattention",),
+             "fa3": ("flash_attn_interface", "fa3_fwd_interface")}
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)
 _HALF = (torch.float16, torch.bfloat16)
 AttnFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -22,15 +32,55 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
+# Filled on first resolution (set_attention_backend, eagerly): compiled blocks read these plain dicts instead
+# of calling the cached resolvers, so torch.compile never traces an import.
+_KERNELS: dict[str, "AttnFn"] = {}
+_MODULES: dict[str, object] = {}
+
+
 @functools.cache
+def _module(backend: str):
+    """The first of the backend's modules that imports, or None."""
+    for name in _PACKAGES[backend]:
+        try:
+            _MODULES[backend] = importlib.import_module(name)
+            return _MODULES[backend]
+        except Exception:  # a missing package, or one built against another torch/CUDA
+            continue
+    return None
+
+
+def _first(out):
+    """FA3 returns ``out`` or ``(out, softmax_lse)`` depending on its version."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _kernel(backend: str) -> AttnFn | None:
     """The backend's function on [B, heads, L, head_dim] tensors, or None when it cannot be imported."""
+    fn = _KERNELS.get(backend)
+    if fn is None and (fn := _resolve_kernel(backend)) is not None:
+        _KERNELS[backend] = fn
+    return fn
+
+
+def forget_backends() -> None:
+    """Forget which backends resolved (tests that hide a package)."""
+    _KERNELS.clear()
+    _MODULES.clear()
+    _resolve_kernel.cache_clear()
+    _module.cache_clear()
+
+
+@functools.cache
+def _resolve_kernel(backend: str) -> AttnFn | None:
     if backend == "sdpa":
         return _sdpa
-    try:
-        mod = importlib.import_module(_PACKAGES[backend])
-    except Exception:  # a missing package, or one built against another torch/CUDA
+    mod = _module(backend)
+    if mod is None:
         return None
+    if backend == "fa3":
+        return lambda q, k, v: _first(mod.flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))).transpose(1, 2)
     if backend == "flash":
         return lambda q, k, v: mod.flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
@@ -51,20 +101,44 @@ def resolve_backend(requested: str) -> tuple[str, str | None]:
         raise InputError(f"Unknown attention backend {requested!r}.", found=requested,
                          expected=", ".join(BACKENDS), fix="Pick one of the listed backends.")
     if _kernel(requested) is None:
-        return "sdpa", (f"attention backend {requested!r} is not available ({_PACKAGES[requested]} does not "
-                        f"import); using PyTorch SDPA")
+        return "sdpa", (f"attention backend {requested!r} is not available ({' / '.join(_PACKAGES[requested])} "
+                        f"does not import); using PyTorch SDPA")
     return requested, None
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa", mask: Tensor | None = None) -> Tensor:
+def _quantize_heads(t: Tensor) -> tuple[Tensor, Tensor]:
+    """t [B, L, heads, head_dim] -> (e4m3 tensor, fp32 scales [B, heads]) with scale = amax / 448 per
+    (batch, head); no host sync."""
+    scale = (t.abs().amax(dim=(1, 3)).float() / E4M3_MAX).clamp_min(1e-12)
+    return (t.float() / scale[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def _fa3_fp8(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """FA3's fp8 forward on [B, heads, L, head_dim] q/k/v (bf16/fp16), result in q's dtype."""
+    mod = _MODULES.get("fa3") or _module("fa3")
+    (q8, sq), (k8, sk), (v8, sv) = (_quantize_heads(t.transpose(1, 2)) for t in (q, k, v))
+    out = _first(mod.flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv))
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def fp8_attention_available(backend: str) -> bool:
+    """Whether ``attention(..., backend, fp8=True)`` runs in fp8 (FA3 installed) on a CUDA device."""
+    return backend == "fa3" and _kernel("fa3") is not None and torch.cuda.is_available()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa", mask: Tensor | None = None,
+              fp8: bool = False) -> Tensor:
     """Non-causal attention; q, k, v and the result are [B, heads, L, head_dim].
 
     ``mask`` (bool, broadcastable to [B, heads, L, L], True = attend) always runs as SDPA. A backend
-    that is missing, or that cannot take these tensors (flash/sage/xformers need CUDA, flash/sage
-    need fp16/bf16), runs as SDPA."""
+    that is missing, or that cannot take these tensors (flash/sage/xformers/fa3 need CUDA, flash/sage/fa3
+    need fp16/bf16), runs as SDPA. ``fp8`` runs FA3's fp8 forward when the backend is fa3 (module
+    docstring), and is ignored otherwise."""
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     fn = _kernel(backend) if backend != "sdpa" and q.is_cuda else None
     if fn is None or (backend != "xformers" and q.dtype not in _HALF):
         return _sdpa(q, k, v)
+    if fp8 and backend == "fa3":
+        return _fa3_fp8(q, k, v)
     return fn(q, k, v)

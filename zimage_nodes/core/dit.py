@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import attention, resolve_backend
+from .attention import attention, fp8_attention_available, resolve_backend
 from .ops import CastLinear as Linear
 from .errors import CheckpointError
 
@@ -72,6 +72,14 @@ def dit_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str = 
     """Infer the DiT config from the tensor shapes of a file in the original key layout and check that
     every tensor the model needs is there with the right shape (extra keys are ignored, OPTIONAL_KEYS
     may be missing)."""
+    return meta_dit_from_shapes(shapes, prefix).cfg
+
+
+def meta_dit_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str = "",
+                         dtype: torch.dtype | None = None) -> "ZImageDiT":
+    """The ZImageDiT (on the meta device, parameters in ``dtype``) that a file with these tensor shapes
+    describes, after the checks of ``dit_config_from_shapes``. The loader streams the file into it, so
+    the model is built once (building the full-size one takes ~45 ms of CPU)."""
     def shape(key: str, ndim: int) -> tuple[int, ...]:
         if prefix + key not in shapes:
             raise _shape_error(f"The diffusion model file has no tensor '{prefix}{key}'.",
@@ -102,7 +110,8 @@ def dit_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str = 
                     t_hidden=shape("t_embedder.mlp.0.weight", 2)[0],
                     adaln_dim=shape("layers.0.adaLN_modulation.0.weight", 2)[1])
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in ZImageDiT(cfg).state_dict().items()}
+        model = ZImageDiT(cfg, dtype=dtype)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     bad = [f"{k}: {shapes[prefix + k] if prefix + k in shapes else 'missing'} (expected {v})"
            for k, v in expected.items()
            if tuple(shapes.get(prefix + k, ())) != v and not (k in OPTIONAL_KEYS and prefix + k not in shapes)]
@@ -113,7 +122,7 @@ def dit_config_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str = 
                            f"({len(bad)} tensors).", "; ".join(bad[:5]),
                            f"dim {dim}, {cfg.n_layers} layers, {cfg.n_refiner_layers} refiner layers, "
                            f"context_refiner as deep as noise_refiner")
-    return cfg
+    return model
 
 
 def timestep_embedding(t: Tensor, dim: int = T_FREQ_DIM, max_period: float = 10000.0) -> Tensor:
@@ -149,7 +158,7 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: DiTConfig, **f: Any) -> None:
         super().__init__()
-        self.n_heads, self.backend = cfg.n_heads, "sdpa"
+        self.n_heads, self.backend, self.fp8 = cfg.n_heads, "sdpa", False
         self.qkv = Linear(cfg.dim, 3 * cfg.dim, bias=False, **f)
         self.out = Linear(cfg.dim, cfg.dim, bias=False, **f)
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.qk_norm_eps, **f)
@@ -159,7 +168,7 @@ class Attention(nn.Module):
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, -1).unbind(2)
         q, k = apply_rope(self.q_norm(q), freqs), apply_rope(self.k_norm(k), freqs)
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.backend, mask)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.backend, mask, self.fp8)
         return self.out(o.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -242,6 +251,16 @@ class ZImageDiT(nn.Module):
             if isinstance(m, Attention):
                 m.backend = backend
         return reason
+
+    def set_fp8_attention(self, on: bool) -> bool:
+        """fp8 attention in every block (FA3's fp8 forward, core/attention.py) when ``on`` and the blocks'
+        backend can run it; returns whether it is in effect."""
+        use = bool(on)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.fp8 = use and fp8_attention_available(m.backend)
+                use = use and m.fp8
+        return use
 
     def _rope(self, cap_len: int, h: int, w: int, device: torch.device, cap_valid: int | None = None) -> Tensor:
         """Rotations for [caption (pos i+1, 0, 0), image (cap_valid+1, row, col), image pad (0, 0, 0)],

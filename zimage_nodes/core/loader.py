@@ -461,9 +461,8 @@ def load_dit(source: Source, device: torch.device, storage: torch.dtype, compute
     attention and feed-forward linears (``ops.set_fp8_matmul``; they run on CUDA only, else dequantized)."""
     shapes = source.shapes
     targets = dit_targets(list(shapes), source.prefix, source.layout)
-    cfg = dit_mod.dit_config_from_shapes(original_shapes(shapes, targets))
-    with torch.device("meta"):
-        model = dit_mod.ZImageDiT(cfg, dtype=compute)
+    model = dit_mod.meta_dit_from_shapes(original_shapes(shapes, targets), dtype=compute)
+    cfg = model.cfg
     _stream_into(model, source, targets, device, _float_dtype_for(storage, compute), progress,
                  scales=_read_scales(source, targets))
     if model.norm_final.weight.is_meta:  # unused by the forward; diffusers folders lack it
