@@ -68,6 +68,11 @@ def _small(prompt: dict, size: int = 256) -> dict:
 @pytest.mark.server
 def test_text_to_image_workflow_runs_through_the_http_server(comfy_server):
     prompt = _small(json.loads((REPO / "workflows/api/z_image_turbo_t2i.json").read_text()))
+    # A prefix of its own: ComfyUI's cache does not key on extra_pnginfo, so the same prompt run by another test
+    # on this session's server (test_workflows) would otherwise be served this one's PNG with its workflow.
+    for node in prompt.values():
+        if node["class_type"] == "SaveImage":
+            node["inputs"]["filename_prefix"] = "foundation_test"
     entry, messages = comfy_server.run(prompt, extra_pnginfo={"workflow": {"note": "test"}})
     assert entry["status"]["status_str"] == "success", messages
     images = [img for out in entry["outputs"].values() for img in out.get("images", [])]
