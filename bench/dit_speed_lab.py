@@ -627,13 +627,17 @@ def main() -> None:
     ap.add_argument("--skip-dit", action="store_true")
     ap.add_argument("--compile-lab", action="store_true", help="only the compile/fp8 section (no I/O)")
     ap.add_argument("--fp8-lab", action="store_true", help="only the pack's fp8 path (no I/O)")
+    ap.add_argument("--fa3-probe", action="store_true", help="only FlashAttention-3 (bf16, fp8) against SDPA")
     ap.add_argument("--graph-lab", action="store_true",
                     help="only CUDA graphs / fused w1|w3 / batch 4 / fp8 SDPA probe (no I/O)")
     ap.add_argument("--io-gb", type=float, default=12.0)
     ap.add_argument("--io-path", default="/tmp/io_lab.bin")
     args = ap.parse_args()
     row("device", gpu=torch.cuda.get_device_name(0), torch=torch.__version__, cpus=os.cpu_count())
-    if args.graph_lab:
+    if args.fa3_probe:
+        with torch.inference_mode():
+            fa3_probe()
+    elif args.graph_lab:
         graph_lab(args)
     elif args.fp8_lab:
         fp8_lab(args)
@@ -641,7 +645,7 @@ def main() -> None:
         compile_lab(args)
     elif not args.skip_dit:
         dit_lab(args)
-    if args.io_gb > 0 and not (args.compile_lab or args.fp8_lab or args.graph_lab):
+    if args.io_gb > 0 and not (args.compile_lab or args.fp8_lab or args.graph_lab or args.fa3_probe):
         io_lab(args)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
