@@ -8,7 +8,6 @@ one scale per (batch, head), ``amax / 448``, and FA3's fp8 forward applies the d
 Anything else ignores ``fp8`` and runs the backend in q's dtype."""
 from __future__ import annotations
 
-import functools
 import importlib
 from collections.abc import Callable
 
@@ -32,22 +31,23 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
-# Filled on first resolution (set_attention_backend, eagerly): compiled blocks read these plain dicts instead
-# of calling the cached resolvers, so torch.compile never traces an import.
-_KERNELS: dict[str, "AttnFn"] = {}
+# backend -> its module / kernel, or None when it does not import; filled on first resolution
+# (set_attention_backend runs eagerly), so compiled blocks only read plain dicts and never trace an import.
 _MODULES: dict[str, object] = {}
+_KERNELS: dict[str, "AttnFn | None"] = {}
 
 
-@functools.cache
 def _module(backend: str):
     """The first of the backend's modules that imports, or None."""
-    for name in _PACKAGES[backend]:
-        try:
-            _MODULES[backend] = importlib.import_module(name)
-            return _MODULES[backend]
-        except Exception:  # a missing package, or one built against another torch/CUDA
-            continue
-    return None
+    if backend not in _MODULES:
+        _MODULES[backend] = None
+        for name in _PACKAGES[backend]:
+            try:
+                _MODULES[backend] = importlib.import_module(name)
+                break
+            except Exception:  # a missing package, or one built against another torch/CUDA
+                continue
+    return _MODULES[backend]
 
 
 def _first(out):
@@ -55,23 +55,19 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def _kernel(backend: str) -> AttnFn | None:
-    """The backend's function on [B, heads, L, head_dim] tensors, or None when it cannot be imported."""
-    fn = _KERNELS.get(backend)
-    if fn is None and (fn := _resolve_kernel(backend)) is not None:
-        _KERNELS[backend] = fn
-    return fn
-
-
 def forget_backends() -> None:
     """Forget which backends resolved (tests that hide a package)."""
     _KERNELS.clear()
     _MODULES.clear()
-    _resolve_kernel.cache_clear()
-    _module.cache_clear()
 
 
-@functools.cache
+def _kernel(backend: str) -> AttnFn | None:
+    """The backend's function on [B, heads, L, head_dim] tensors, or None when it cannot be imported."""
+    if backend not in _KERNELS:
+        _KERNELS[backend] = _resolve_kernel(backend)
+    return _KERNELS[backend]
+
+
 def _resolve_kernel(backend: str) -> AttnFn | None:
     if backend == "sdpa":
         return _sdpa
@@ -115,7 +111,7 @@ def _quantize_heads(t: Tensor) -> tuple[Tensor, Tensor]:
 
 def _fa3_fp8(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """FA3's fp8 forward on [B, heads, L, head_dim] q/k/v (bf16/fp16), result in q's dtype."""
-    mod = _MODULES.get("fa3") or _module("fa3")
+    mod = _module("fa3")
     (q8, sq), (k8, sk), (v8, sv) = (_quantize_heads(t.transpose(1, 2)) for t in (q, k, v))
     out = _first(mod.flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv))
     return out.transpose(1, 2).to(q.dtype)

@@ -255,11 +255,10 @@ class ZImageDiT(nn.Module):
     def set_fp8_attention(self, on: bool) -> bool:
         """fp8 attention in every block (FA3's fp8 forward, core/attention.py) when ``on`` and the blocks'
         backend can run it; returns whether it is in effect."""
-        use = bool(on)
-        for m in self.modules():
-            if isinstance(m, Attention):
-                m.fp8 = use and fp8_attention_available(m.backend)
-                use = use and m.fp8
+        blocks = [m for m in self.modules() if isinstance(m, Attention)]
+        use = bool(on) and all(fp8_attention_available(m.backend) for m in blocks)
+        for m in blocks:
+            m.fp8 = use
         return use
 
     def _rope(self, cap_len: int, h: int, w: int, device: torch.device, cap_valid: int | None = None) -> Tensor:
