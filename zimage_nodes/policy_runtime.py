@@ -303,11 +303,7 @@ def prepare_dit_weights(dit: torch.nn.Module, policy: P.Policy, storage: torch.d
         reason = "fp8 matmuls need e4m3 weights"
     if reason is None:
         n = ops.set_fp8_matmul(dit, True)
-        attn = (", and fp8 attention (FlashAttention-3, q/k/v scaled per head)" if dit.set_fp8_attention(True)
-                else "")
         return (f"{head}, fp8 matmuls (torch._scaled_mm) in the {n} attention/feed-forward linears of the "
-                f"blocks (activations scaled per token){attn}; embedders, adaLN and final layer dequantized to "
-                f"{matmul}")
+                f"blocks (activations scaled per token); embedders, adaLN and final layer dequantized to {matmul}")
     ops.set_fp8_matmul(dit, False)
-    dit.set_fp8_attention(False)
     return f"{head}, {matmul} matmuls: fp8_fast fell back ({reason})"
