@@ -321,40 +321,35 @@ def fuse_w13_module(model) -> None:
 
 
 def fa3_probe() -> None:
-    """FlashAttention-3 forward (official ``flash_attn_interface`` or the ``fa3_fwd`` wheel) against SDPA at one
-    1024x1024 forward's attention (30 heads x 4224 tokens x 128): time and relative error, bf16 and fp8 e4m3
-    (per-head scales: amax / 448; descales passed to the kernel)."""
-    mod = None
-    for name in ("flash_attn_interface", "fa3_fwd_interface"):
-        try:
-            mod = __import__(name)
-            break
-        except Exception as e:  # noqa: BLE001
-            row(f"fa3 import {name}", error=f"{type(e).__name__}: {str(e)[:300]}")
-    if mod is None:
+    """FlashAttention-3 forward through the pack's own glue (core/attention.py: the module it finds, the per-head
+    fp8 quantization it does) against SDPA at one 1024x1024 forward's attention (30 heads x 4224 tokens x 128):
+    time and relative error, bf16 and fp8 e4m3."""
+    from zimage_nodes.core import attention as attn
+    mod = attn._module("fa3")
+    if mod is None:  # say why each candidate did not import
+        for name in attn._PACKAGES["fa3"]:
+            try:
+                __import__(name)
+            except Exception as e:  # noqa: BLE001
+                row(f"fa3 import {name}", error=f"{type(e).__name__}: {str(e)[:300]}")
         return
+    row("fa3 module", name=mod.__name__)
     g = torch.Generator(device="cuda").manual_seed(3)
     q, k, v = (torch.randn(1, 4224, 30, 128, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
     k = k * 2.0
     ref = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
     sdpa = timed(lambda: F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))), 20)
-
-    def first(o):
-        return o[0] if isinstance(o, tuple) else o
     try:
-        out = first(mod.flash_attn_func(q, k, v))
+        out = attn._first(mod.flash_attn_func(q, k, v))
         row("fa3 bf16", s=timed(lambda: mod.flash_attn_func(q, k, v), 20), sdpa_s=sdpa, rel_vs_sdpa=rel(out, ref))
     except Exception as e:  # noqa: BLE001
         row("fa3 bf16", error=f"{type(e).__name__}: {str(e)[:300]}")
     try:
-        def quant(t):
-            s = (t.abs().amax(dim=(1, 3)).float() / 448.0).clamp_min(1e-12)  # [B, H]
-            return (t.float() / s[:, None, :, None]).to(torch.float8_e4m3fn), s
-        (q8, sq), (k8, sk), (v8, sv) = quant(q), quant(k), quant(v)
-        out = first(mod.flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv))
+        (q8, sq), (k8, sk), (v8, sv) = (attn._quantize_heads(t) for t in (q, k, v))
+        out = attn._first(mod.flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv))
         row("fa3 fp8", s=timed(lambda: mod.flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv), 20),
             sdpa_s=sdpa, rel_vs_sdpa=rel(out, ref), out_dtype=str(out.dtype),
-            quant_s=timed(lambda: (quant(q), quant(k), quant(v)), 20))
+            quant_s=timed(lambda: [attn._quantize_heads(t) for t in (q, k, v)], 20))
     except Exception as e:  # noqa: BLE001
         row("fa3 fp8", error=f"{type(e).__name__}: {str(e)[:300]}")
 
