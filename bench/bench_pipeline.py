@@ -8,7 +8,9 @@ then runs each (peer, VRAM cap) in its own process so caps and caches never leak
 - ours: the pack's core modules called directly (the code the nodes call): staged loader, DiT,
   the memory plan of core/policy.plan for the cap (block streaming below the DiT's size), Turbo
   schedule (8 forwards), VAE decode (tiled when the plan says so); the DiT blocks compiled when
-  resident, as the sampler's compile=auto does (--compile off for eager); s/forward = DiT time / 8;
+  resident, as the sampler's compile=auto does (--compile off for eager), and, as auto does when the
+  budget has room, the forwards after the first replayed from a CUDA graph recorded per image
+  (core/graphs.py; the ``_nograph`` peers leave it out); s/forward = DiT time / 8;
 - ours_fp8: the same with the DiT's block linears converted to fp8 (per-tensor scales) with fp8
   matmuls (the policy's fp8_fast), and the mean absolute difference of the image (0..1) from the
   bf16 image of the same seed and caption;
@@ -92,9 +94,11 @@ def fake_caption(dim: int = 2560):
 
 # ---------------------------------------------------------------- workers (one process each)
 
-def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention: str = "sdpa") -> dict:
+def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention: str = "sdpa",
+                graphs: bool = True) -> dict:
     import torch
     from zimage_nodes.core import compile as dit_compile, loader, policy as P, sampling, schedule, vae as vae_mod
+    from zimage_nodes.core.graphs import StepGraphs
     from zimage_nodes.core.streaming import BlockStreamer
     paths = weight_paths(root)
     dev = torch.device("cuda")
@@ -104,7 +108,8 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
     plan = loader.plan_single_files(paths["dit"], paths["te"], paths["vae"], _tokenizer_dir())
     sizes = P.sizes_from_shapes(plan.dit.shapes, plan.text_encoder.shapes, plan.vae.shapes)
     budget = int(cap * GB) if cap > 0 else torch.cuda.get_device_properties(0).total_memory
-    mplan = P.plan(P.Policy(), sizes, P.Request(W, H, caption_tokens=CAP_TOKENS), budget)
+    req = P.Request(W, H, caption_tokens=CAP_TOKENS)
+    mplan = P.plan(P.Policy(), sizes, req, budget)
     if mplan.mode is P.Mode.FULL_GPU:  # the TE would be resident too; embedding cached here, so DiT+VAE
         mplan.mode = P.Mode.MODEL_OFFLOAD
     streamed = mplan.mode in (P.Mode.BLOCK_SWAP, P.Mode.SEQUENTIAL)
@@ -146,11 +151,19 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
     def model_fn(x, s, c):
         return dit(x, s, c)
 
+    use_graphs = graphs and compiled and P.graph_headroom(mplan, req)  # the sampler's compile=auto
+    graph_errors: list[str] = []
+
     def one(seed):
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn(1, 16, H // 8, W // 8, generator=g).to(dev)
+        fn = StepGraphs(model_fn) if use_graphs else model_fn  # one per image, as the sampler does
         with torch.inference_mode():
-            x0, t_dit = cuda_time(lambda: sampling.sample(model_fn, noise, sigmas, cap_feats))
+            x0, t_dit = cuda_time(lambda: sampling.sample(fn, noise, sigmas, cap_feats))
+            if use_graphs:
+                fn.close()
+                if fn.error:
+                    graph_errors.append(fn.error)
             raw = vae_mod.model_to_raw(x0)
             if mplan.vae_tiled:
                 img, t_vae = cuda_time(lambda: vae.decode_tiled(raw, mplan.vae_tile, 64))
@@ -159,6 +172,16 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
         return t_dit, t_vae, bool(torch.isfinite(x0).all())
 
     one(0)  # warm-up
+    graph_diff = None
+    if use_graphs:  # the replayed forwards must give the plain loop's latent (same kernels, same inputs)
+        g = torch.Generator().manual_seed(0)
+        noise = torch.randn(1, 16, H // 8, W // 8, generator=g).to(dev)
+        with torch.inference_mode():
+            plain = sampling.sample(model_fn, noise, sigmas, cap_feats)
+            fn = StepGraphs(model_fn)
+            replayed = sampling.sample(fn, noise, sigmas, cap_feats)
+            fn.close()
+        graph_diff = float((plain - replayed).abs().max())
     torch.cuda.reset_peak_memory_stats()
     res = [one(i + 1) for i in range(runs)]
     with torch.inference_mode():  # one forward alone (launch latency not hidden by the loop), for reference
@@ -173,13 +196,16 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
             mad = float((img - ref_img).abs().mean())
             latent_rel = float((x0.float() - ref_x0.float()).norm() / ref_x0.float().norm())
     dit_s = statistics.median(r[0] for r in res)
-    mode = (mplan.describe() + (", compiled" if compiled else "") + (", fp8 matmuls" if fp8 else "")
+    mode = (mplan.describe() + (", compiled" if compiled else "")
+            + ((", CUDA graph" if not graph_errors else f", CUDA graph failed: {graph_errors[0]}") if use_graphs else "")
+            + (", fp8 matmuls" if fp8 else "")
             + (f", attention {attention}" + (" fp8" if fp8 and fp8_attention else "") if attention != "sdpa" else ""))
-    peer = ("ours_fp8" if fp8 else "ours") + ("" if attention == "sdpa" else f"_{attention}")
+    peer = ("ours_fp8" if fp8 else "ours") + ("" if attention == "sdpa" else f"_{attention}") + (
+        "" if graphs else "_nograph")
     return {"peer": peer, "cap": cap, "mode": mode, "dit_s": dit_s,
             "vae_s": statistics.median(r[1] for r in res), "finite": all(r[2] for r in res),
             "fwd_s": dit_s / (len(sigmas) - 1), "fwd_alone_s": statistics.median(fwd_times),
-            "image_mad_vs_bf16": mad, "latent_rel_l2_vs_bf16": latent_rel, "peak_gb": torch.cuda.max_memory_allocated() / GB,
+            "image_mad_vs_bf16": mad, "graph_vs_plain_max_abs": graph_diff, "latent_rel_l2_vs_bf16": latent_rel, "peak_gb": torch.cuda.max_memory_allocated() / GB,
             "predicted_gb": mplan.peak / GB, "load_s": load_s,
             "rss_gb": (rss() - base_rss) / GB, "streamed_gb_per_fwd":
                 (sum(u.nbytes for u in streamer.streamed) / GB) if streamer else 0.0}
@@ -386,6 +412,14 @@ def worker_ours_fp8(root: Path, cap: float, runs: int) -> dict:
     return worker_ours(root, cap, runs, fp8=True)
 
 
+def worker_ours_nograph(root: Path, cap: float, runs: int) -> dict:
+    return worker_ours(root, cap, runs, graphs=False)
+
+
+def worker_ours_fp8_nograph(root: Path, cap: float, runs: int) -> dict:
+    return worker_ours(root, cap, runs, fp8=True, graphs=False)
+
+
 def worker_ours_fa3(root: Path, cap: float, runs: int) -> dict:
     return worker_ours(root, cap, runs, attention="fa3")
 
@@ -395,6 +429,7 @@ def worker_ours_fp8_fa3(root: Path, cap: float, runs: int) -> dict:
 
 
 WORKERS = {"ours": worker_ours, "ours_fp8": worker_ours_fp8, "ours_fa3": worker_ours_fa3,
+           "ours_nograph": worker_ours_nograph, "ours_fp8_nograph": worker_ours_fp8_nograph,
            "ours_fp8_fa3": worker_ours_fp8_fa3, "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib,
            "modes": worker_modes}
 

@@ -19,6 +19,7 @@ import torch
 from . import comfy_bridge as bridge
 from . import policy_runtime
 from .core import compile as dit_compile
+from .core import graphs as dit_graphs
 from .core import policy as P
 from .core import loader, sampling, schedule
 from .core import text_encoder as te_mod
@@ -304,6 +305,7 @@ def encode_text(model: ZImageModel, text: str) -> tuple[ZImageConditioning, str]
 # ---------------------------------------------------------------- sampling
 
 COMPILE_CHOICES = ("off", "blocks", "auto")  # permanent: saved workflows store these
+GRAPHS_ENV = "ZIMAGE_CUDA_GRAPHS"  # 0: auto never replays CUDA graphs (core/graphs.py)
 
 
 def snap_size(width: int, height: int, notes: list[str]) -> tuple[int, int]:
@@ -464,13 +466,32 @@ def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height:
             if clear_every and (step.index + 1) % clear_every == 0:
                 bridge.soft_empty_cache()
 
-        return sampling.sample(lambda x, s, cap: model.dit(x, s, cap), noise.to(dev), sigmas,
-                               positive.embeds.to(dev, compute), cfg=cfg, max_batch=max_batch, callback=on_step,
-                               uncond=uncond.embeds.to(dev, compute) if uncond is not None else None,
-                               x_init=x_init.to(dev) if x_init is not None else None)
+        def forward(x: torch.Tensor, s: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+            return model.dit(x, s, cap)
+
+        graphs = dit_graphs.StepGraphs(forward) if use_graphs(dev, plan_now[0]) else None
+        try:
+            return sampling.sample(graphs or forward, noise.to(dev), sigmas,
+                                   positive.embeds.to(dev, compute), cfg=cfg, max_batch=max_batch, callback=on_step,
+                                   uncond=uncond.embeds.to(dev, compute) if uncond is not None else None,
+                                   x_init=x_init.to(dev) if x_init is not None else None)
+        finally:
+            if graphs is not None:
+                graphs.close()
+                notes[:] = [m for m in notes if not m.startswith("CUDA graph")]
+                notes.append(f"CUDA graph: {graphs.replays} of {n} DiT forwards replayed from one recorded forward"
+                             if graphs.error is None else f"CUDA graph not used ({graphs.error})")
+
+    plan_now: list[Optional[P.Plan]] = [None]
+
+    def use_graphs(dev: torch.device, plan: Optional[P.Plan]) -> bool:
+        return (compile_mode == "auto" and dev.type == "cuda" and plan is not None and n > 2
+                and dit_compile.is_enabled(model.dit) and P.graph_headroom(plan, req)
+                and os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "off", "false", "no"))
 
     def run_eager_if_compile_fails(dev: torch.device, plan: Optional[P.Plan]) -> torch.Tensor:
         _use_compile(model, compile_mode, dev, plan, notes)
+        plan_now[0] = plan
         try:
             return run(dev)
         except Exception as exc:  # only a failing torch.compile is retried (eagerly); everything else propagates

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -271,6 +272,26 @@ def test_refused_registration_falls_back_to_pread(sample_file: Path) -> None:
     assert fastread._register_refused is None  # a fake registrar's refusal is not remembered
 
 
+def test_hybrid_splits_chunks_between_registering_and_reading_workers(
+        sample_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hybrid mode: the first ZIMAGE_LOAD_REGISTER_WORKERS workers register their chunks, the others pread;
+    every byte arrives once and every registration is released."""
+    ref = load_file(str(sample_file))
+    monkeypatch.setenv(fastread.ENV_REGISTER_WORKERS, "1")
+
+    class SlowRegistrar(FakeRegistrar):  # as on a GPU, registering is slower than reading: the readers get chunks
+        def register(self, ptr: int, nbytes: int) -> None:
+            time.sleep(0.01)
+            super().register(ptr, nbytes)
+    reg = SlowRegistrar()
+    stats = ReadStats()
+    got = _read(sample_file, list(ref), "hybrid", registrar=reg, threads=3, chunk_bytes=PAGE, stats=stats)
+    assert got.keys() == ref.keys() and all(_same_bytes(got[n], ref[n]) for n in ref)
+    assert reg.live == {} and reg.max_live <= 2  # one registering worker, at most two chunks held
+    assert stats.registered_chunks == reg.calls and 0 < stats.registered_chunks < stats.chunks
+    assert stats.read_spans > 0
+
+
 class AsyncLane:
     """A CPU lane whose copies run later, in order, on a thread of its own (like a CUDA stream), with
     random delays: a staging buffer reused or a chunk released before its copies ran shows up as wrong
@@ -517,6 +538,8 @@ def test_default_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(fastread.ENV_MODE, "register")
     assert fastread._default_mode(cuda) == ("register" if hasattr(fastread.mmap, "MADV_DONTNEED") else "pread")
     assert fastread._default_mode(torch.device("cpu")) == "pread"
+    monkeypatch.setenv(fastread.ENV_MODE, "hybrid")
+    assert fastread._default_mode(cuda) == ("hybrid" if hasattr(fastread.mmap, "MADV_DONTNEED") else "pread")
     monkeypatch.setattr(fastread, "_register_refused", "refused before")
     assert fastread._default_mode(cuda) == "pread"
 

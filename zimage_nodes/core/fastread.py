@@ -69,6 +69,7 @@ ENV_MODE = "ZIMAGE_FASTREAD"
 ENV_THREADS = "ZIMAGE_LOAD_THREADS"
 ENV_CHUNK_MB = "ZIMAGE_LOAD_CHUNK_MB"
 ENV_HOLD = "ZIMAGE_LOAD_HOLD_CHUNKS"     # registered chunks a worker keeps before releasing the oldest
+ENV_REGISTER_WORKERS = "ZIMAGE_LOAD_REGISTER_WORKERS"  # hybrid mode: workers that register, the rest pread
 ENV_DROP = "ZIMAGE_LOAD_DROP_PAGES"      # 1: drop a released chunk's pages from the mapping (madvise)
 
 PAGE = mmap.PAGESIZE
@@ -114,6 +115,11 @@ def hold_chunks() -> int:
 def drop_pages() -> bool:
     """``ZIMAGE_LOAD_DROP_PAGES=1``: madvise(DONTNEED) a released chunk (smaller RSS, more TLB work)."""
     return os.environ.get(ENV_DROP, "").strip().lower() in ("1", "on", "true", "yes")
+
+
+def register_workers_setting() -> int:
+    """``ZIMAGE_LOAD_REGISTER_WORKERS``: in hybrid mode, the workers that register chunks (default 1)."""
+    return _int_env(ENV_REGISTER_WORKERS, 1)
 
 
 def chunk_bytes_setting() -> int:
@@ -453,7 +459,9 @@ class _Reader:
                  stats: ReadStats) -> None:
         self.path, self.file_size, self.items, self.chunks, self.ops = path, file_size, items, chunks, ops
         self.threads, self.budget, self.staging_bytes = threads, budget, staging_bytes
-        self.mode, self.registrar, self.stats = mode, registrar, stats  # mode: "register" | "mmap" | "pread"
+        # mode: "register" | "hybrid" (the first ``register_workers`` workers register, the others pread) | "mmap" | "pread"
+        self.mode, self.registrar, self.stats = mode, registrar, stats
+        self.register_workers = register_workers_setting() if mode == "hybrid" else threads
         self._cv = threading.Condition()
         self._read_lock = threading.Lock()
         self._fd = -1
@@ -482,16 +490,17 @@ class _Reader:
                 f"{self.path.name} changed size while it was being loaded.",
                 found=f"{size} bytes ({self.path})", expected=f"{self.file_size} bytes, as when its header was read",
                 fix="wait until the download or copy of the file has finished, then run again")
-        if self.mode in ("register", "mmap"):
+        if self.mode in ("register", "hybrid", "mmap"):
             try:
                 self._mapping = _Mapping(self._fd, self.file_size,
-                                         self.registrar if self.mode == "register" else None)
+                                         self.registrar if self.mode in ("register", "hybrid") else None)
             except (OSError, ValueError, RuntimeError) as e:
                 self._refuse_registration(f"cannot memory-map the file: {e}")
         n = max(1, min(self.threads, len(self.chunks)))
         self.stats.threads = n
         for i in range(n):
-            worker = threading.Thread(target=self._worker_main, name=f"zimage-fastread-{i}", daemon=True)
+            worker = threading.Thread(target=self._worker_main, args=(i < self.register_workers,),
+                                      name=f"zimage-fastread-{i}", daemon=True)
             with self._cv:
                 self._alive += 1
             try:
@@ -610,7 +619,7 @@ class _Reader:
                 return
             self._register_ok = False
             self.stats.fallback = reason
-        if isinstance(self.registrar, CudaHostRegistrar) and self.mode == "register":
+        if isinstance(self.registrar, CudaHostRegistrar) and self.mode in ("register", "hybrid"):
             if _register_refused is None:
                 logger.info("Z-Image fast loading: %s; reading through pinned buffers instead", reason)
             _register_refused = reason
@@ -636,11 +645,11 @@ class _Reader:
             got += n
 
     # ---------------------------------------------------------------- worker threads
-    def _worker_main(self) -> None:
+    def _worker_main(self, may_map: bool = True) -> None:
         lane: Optional[_Lane] = None
         try:
             lane = self.ops.lane()
-            _Worker(self, lane).run()
+            _Worker(self, lane, may_map).run()
         except _Stopped:
             pass
         except BaseException as e:  # handed to the consumer, which raises it
@@ -671,8 +680,8 @@ class _Worker:
     Progress rule: a worker publishes every copy it queued (``drain(0)``) before it waits for the
     budget; allocation is in file order, so the oldest unallocated tensor always becomes allocatable."""
 
-    def __init__(self, reader: _Reader, lane: _Lane) -> None:
-        self.r, self.lane = reader, lane
+    def __init__(self, reader: _Reader, lane: _Lane, may_map: bool = True) -> None:
+        self.r, self.lane, self.may_map = reader, lane, may_map
         self.pending: deque[_Batch] = deque()
         self.free_staging: list[torch.Tensor] = []
         self.staging_made = 0
@@ -700,7 +709,7 @@ class _Worker:
                         logger.exception("fastread: releasing a chunk failed")
 
     def _copy_mapped(self, chunk: Chunk) -> bool:
-        mapping = self.r.use_mapping()
+        mapping = self.r.use_mapping() if self.may_map else None
         if mapping is None:
             return False
         try:
@@ -812,9 +821,9 @@ def read_tensors(path: str | Path, names: Iterable[str], device: torch.device | 
         raise ValueError("read_tensors: names must not repeat")
     stats = stats if stats is not None else ReadStats()
     mode = mode or _default_mode(device)
-    if mode not in ("register", "pread", "mmap") or (mode == "mmap" and device.type != "cpu"):
+    if mode not in ("register", "hybrid", "pread", "mmap") or (mode == "mmap" and device.type != "cpu"):
         raise ValueError(f"read_tensors: mode {mode!r} is not possible for {device}")
-    if mode == "register" and registrar is None:
+    if mode in ("register", "hybrid") and registrar is None:
         if device.type != "cuda":
             raise ValueError("read_tensors: mode 'register' needs a registrar off CUDA")
         registrar = CudaHostRegistrar()
@@ -869,4 +878,5 @@ def _default_mode(device: torch.device) -> str:
     warm: pread with 12 threads 45.6 GB/s, registration at best 28.9 GB/s; bench/read_sweep.py)."""
     if device.type != "cuda" or _register_refused is not None or not hasattr(mmap, "MADV_DONTNEED"):
         return "pread"
-    return "register" if os.environ.get(ENV_MODE, "").strip().lower() == "register" else "pread"
+    choice = os.environ.get(ENV_MODE, "").strip().lower()
+    return choice if choice in ("register", "hybrid") else "pread"

@@ -142,6 +142,14 @@ def _dit_act(req: Request) -> int:
     return req.tokens * DIT_ACT_BYTES_PER_TOKEN + DIT_ACT_CONSTANT
 
 
+def graph_headroom(plan: Plan, req: Request) -> bool:
+    """Whether a CUDA graph of the DiT forward fits (core/graphs.py): the DiT resident (full_gpu or
+    model_offload, no block streaming) and room in the budget for a second set of one forward's
+    activations (the graph's private pool) above the plan's DiT peak."""
+    return (plan.mode in (Mode.FULL_GPU, Mode.MODEL_OFFLOAD)
+            and plan.peaks.get("dit", plan.peak) + _dit_act(req) <= plan.budget)
+
+
 def _vae_peak(sizes: Sizes, req: Request, tiled: bool, tile: int) -> int:
     px = tile * tile if tiled else req.width * req.height
     ws = VAE_BYTES_PER_PIXEL_FULL * px * (VAE_TILE_OVERHEAD if tiled else 1.0)

@@ -1,0 +1,205 @@
+"""Where the warm load's time goes (GPU host): the raw parallel reader against the loader, stage by stage.
+
+    python bench/load_profile.py --weights /tmp/zw [--out profile.json]
+
+With the three full-size single files in the page cache (written first if missing, as bench_load.py does):
+
+1. raw: ``fastread.read_tensors`` of each whole file in its own dtype, no module: pread with 8/12/16 threads,
+   and the hybrid mode (one or two workers register their chunks, the others pread);
+2. stages: the loader's own calls (``load_dit``, ``load_vae``, ``LazyTextEncoder.get``) with the meta builds
+   timed on their own;
+3. a cProfile of one warm ``load_dit`` + ``get`` (main thread: time waiting for the readers against Python work);
+4. the three components loaded at once from three threads (the ceiling of overlapping them);
+5. the cost of the device allocations alone (the DiT's tensor sizes after ``empty_cache``).
+
+Prints one JSON line per measurement and writes them all to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import os
+import pstats
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import torch  # noqa: E402
+
+from bench_load import generate, paths  # noqa: E402
+
+ROWS: list[dict] = []
+
+
+def row(name: str, **kw) -> None:
+    r = {"name": name, **kw}
+    ROWS.append(r)
+    print(json.dumps(r), flush=True)
+
+
+def fresh() -> None:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def warm_cache(files) -> None:
+    buf = bytearray(64 << 20)
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+
+
+def raw(files) -> None:
+    from zimage_nodes.core.fastread import read_tensors
+    from zimage_nodes.core.st_io import read_header
+    settings = [("pread", 8, 0), ("pread", 12, 0), ("pread", 16, 0), ("hybrid", 12, 1), ("hybrid", 13, 1),
+                ("hybrid", 14, 2)]
+    for mode, threads, reg in settings:
+        os.environ.update(ZIMAGE_FASTREAD=mode, ZIMAGE_LOAD_THREADS=str(threads),
+                          ZIMAGE_LOAD_REGISTER_WORKERS=str(max(1, reg)))
+        per: dict[str, list[float]] = {}
+        for _ in range(2):
+            for kind, f in files.items():
+                fresh()
+                t = time.perf_counter()
+                keep = [x for _, x in read_tensors(f, list(read_header(f).tensors), "cuda", lambda n, i: None)]
+                torch.cuda.synchronize()
+                per.setdefault(kind, []).append(time.perf_counter() - t)
+                del keep
+        best = {k: min(v) for k, v in per.items()}
+        nbytes = {k: f.stat().st_size for k, f in files.items()}
+        row(f"raw read {mode} {threads} threads ({reg} registering)", **{f"{k}_s": round(v, 4) for k, v in best.items()},
+            sum_s=round(sum(best.values()), 4),
+            **{f"{k}_gbps": round(nbytes[k] / best[k] / 1e9, 1) for k in best})
+    for k in ("ZIMAGE_FASTREAD", "ZIMAGE_LOAD_THREADS", "ZIMAGE_LOAD_REGISTER_WORKERS"):
+        os.environ.pop(k, None)
+
+
+def stages(plan, dev) -> None:
+    from zimage_nodes.core import dit as dit_mod, loader, text_encoder as te_mod, vae as vae_mod
+    for rep in range(2):
+        fresh()
+        t = {}
+        s = time.perf_counter()
+        shapes = plan.dit.shapes
+        targets = loader.dit_targets(list(shapes), plan.dit.prefix, plan.dit.layout)
+        dit_mod.meta_dit_from_shapes(loader.original_shapes(shapes, targets), dtype=torch.bfloat16)
+        t["dit_meta"] = time.perf_counter() - s
+        s = time.perf_counter()
+        cfg = te_mod.qwen3_config_from_shapes(plan.text_encoder.shapes, plan.text_encoder.prefix)
+        te_mod.build_text_encoder(cfg, device="meta")
+        t["te_meta"] = time.perf_counter() - s
+        s = time.perf_counter()
+        sh = {k: v for h in plan.vae.headers for k, v in h.shapes().items()}
+        c, _m, _t = vae_mod._plan(sh, plan.vae.prefix)
+        vae_mod.build_vae(c, dtype=torch.bfloat16)
+        t["vae_plan_build"] = time.perf_counter() - s
+        s = time.perf_counter()
+        dit = loader.load_dit(plan.dit, dev, torch.bfloat16, torch.bfloat16)
+        torch.cuda.synchronize()
+        t["load_dit"] = time.perf_counter() - s
+        s = time.perf_counter()
+        vae = loader.load_vae(plan.vae, dev, torch.bfloat16)
+        torch.cuda.synchronize()
+        t["load_vae"] = time.perf_counter() - s
+        s = time.perf_counter()
+        te = loader.LazyTextEncoder(plan.text_encoder, dev, torch.bfloat16, torch.bfloat16).get()
+        torch.cuda.synchronize()
+        t["load_te"] = time.perf_counter() - s
+        t["sum_loads"] = t["load_dit"] + t["load_vae"] + t["load_te"]
+        row(f"stages rep {rep}", **{k: round(v, 4) for k, v in t.items()})
+        del dit, vae, te
+
+
+def profiled(plan, dev) -> None:
+    from zimage_nodes.core import loader
+    fresh()
+    pr = cProfile.Profile()
+    pr.enable()
+    dit = loader.load_dit(plan.dit, dev, torch.bfloat16, torch.bfloat16)
+    te = loader.LazyTextEncoder(plan.text_encoder, dev, torch.bfloat16, torch.bfloat16).get()
+    torch.cuda.synchronize()
+    pr.disable()
+    for key in ("tottime", "cumulative"):
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats(key).print_stats(30)
+        row(f"cprofile dit+te by {key}", text=s.getvalue()[-9000:])
+    del dit, te
+
+
+def concurrent(plan, dev) -> None:
+    from zimage_nodes.core import loader
+    for rep in range(2):
+        fresh()
+        out, times = {}, {}
+
+        def run(name, fn):
+            s = time.perf_counter()
+            out[name] = fn()
+            torch.cuda.synchronize()
+            times[name] = time.perf_counter() - s
+
+        jobs = {"dit": lambda: loader.load_dit(plan.dit, dev, torch.bfloat16, torch.bfloat16),
+                "vae": lambda: loader.load_vae(plan.vae, dev, torch.bfloat16),
+                "te": lambda: loader.LazyTextEncoder(plan.text_encoder, dev, torch.bfloat16, torch.bfloat16).get()}
+        s = time.perf_counter()
+        ths = [threading.Thread(target=run, args=(k, v)) for k, v in jobs.items()]
+        for th in ths:
+            th.start()
+        for th in ths:
+            th.join()
+        total = time.perf_counter() - s
+        row(f"concurrent rep {rep}", total_s=round(total, 4), **{f"{k}_s": round(v, 4) for k, v in times.items()},
+            ok=sorted(out))
+        del out
+
+
+def alloc(plan) -> None:
+    from zimage_nodes.core.st_io import torch_dtype
+    infos = [i for h in plan.dit.headers for i in h.tensors.values()]
+    for rep in range(2):
+        fresh()
+        s = time.perf_counter()
+        keep = [torch.empty(i.shape, dtype=torch_dtype(i), device="cuda") for i in infos]
+        torch.cuda.synchronize()
+        row(f"alloc dit tensors rep {rep}", s=round(time.perf_counter() - s, 4), n=len(keep))
+        del keep
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--weights", type=Path, required=True)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    from zimage_nodes.core import loader
+    row("generate", s=round(generate(args.weights), 1))
+    files = {k: Path(v) for k, v in paths(args.weights).items()}
+    warm_cache(files.values())
+    dev = torch.device("cuda:0")
+    torch.empty(1, device=dev)
+    row("env", gpu=torch.cuda.get_device_name(0), torch=torch.__version__, cpus=os.cpu_count(),
+        sizes_gb={k: round(f.stat().st_size / 1e9, 3) for k, f in files.items()})
+    plan = loader.plan_single_files(files["dit"], files["te"], files["vae"], REPO)
+    for step in (raw, lambda _f: stages(plan, dev), lambda _f: profiled(plan, dev),
+                 lambda _f: concurrent(plan, dev), lambda _f: alloc(plan)):
+        try:
+            step(files)
+        except Exception as e:  # noqa: BLE001
+            row("error", error=f"{type(e).__name__}: {str(e)[:400]}")
+        if args.out:
+            args.out.write_text(json.dumps(ROWS, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
