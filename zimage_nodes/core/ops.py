@@ -49,6 +49,11 @@ class CastLinear(nn.Linear):
         super().__init__(*args, **kwargs)
         self.register_buffer("weight_scale", None, persistent=False)
 
+    def reset_parameters(self) -> None:
+        if self.weight.is_meta:  # placeholders the loader replaces: drawing random values for them is wasted time
+            return
+        super().reset_parameters()
+
     def forward(self, x: Tensor) -> Tensor:
         w, b, s = self.weight, self.bias, self.weight_scale
         if s is not None and self.fp8_matmul and fp8_matmul_applies(x, w):

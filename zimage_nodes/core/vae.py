@@ -127,11 +127,13 @@ def _bfl_names(keys: list[str], prefix: str, config: Mapping[str, Any],
     return {keys[int(v.item())]: name for name, v in converted.items()}
 
 
-def _plan(shapes: Mapping[str, tuple[int, ...]], prefix: str
-          ) -> tuple[dict[str, Any], dict[str, str], dict[str, tuple[int, ...]]]:
-    """(config, file key -> parameter name, parameter name -> shape), checked for completeness."""
+def _plan(shapes: Mapping[str, tuple[int, ...]], prefix: str, dtype: torch.dtype = torch.float32
+          ) -> tuple[dict[str, Any], dict[str, str], dict[str, tuple[int, ...]], AutoencoderKL]:
+    """(config, file key -> parameter name, parameter name -> shape, the model on the meta device in
+    ``dtype``), checked for completeness."""
     config = vae_config_from_shapes(shapes, prefix)
-    targets = {n: tuple(t.shape) for n, t in build_vae(config).state_dict().items()}
+    model = build_vae(config, dtype=dtype)
+    targets = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     keys = [k for k in shapes if k.startswith(prefix)]
     if vae_layout(shapes, prefix) == "bfl":
         mapping = _bfl_names(keys, prefix, config, shapes)
@@ -148,7 +150,7 @@ def _plan(shapes: Mapping[str, tuple[int, ...]], prefix: str
                 f"no tensor for {', '.join(missing[:3])}" if missing else "",
                 f"unexpected shape of {', '.join(wrong[:3])}" if wrong else ""])),
             expected="a complete, unmodified Flux autoencoder", fix=_FIX_VAE)
-    return config, mapping, targets
+    return config, mapping, targets, model
 
 
 def vae_key_map(shapes: Mapping[str, tuple[int, ...]], prefix: str = "") -> dict[str, str]:
@@ -164,7 +166,7 @@ def convert_vae_state(tensors: Mapping[str, torch.Tensor], prefix: str = "") -> 
     """A checkpoint's tensors renamed and reshaped for ``AutoencoderKL.load_state_dict``.
 
     The VAE is small (84M parameters), so converting a whole state dict is acceptable."""
-    _, mapping, targets = _plan({k: tuple(v.shape) for k, v in tensors.items()}, prefix)
+    _, mapping, targets, _ = _plan({k: tuple(v.shape) for k, v in tensors.items()}, prefix)
     return {n: tensors[k].reshape(targets[n]) for k, n in mapping.items()}
 
 
@@ -228,8 +230,8 @@ def load_vae(headers: Sequence[Header], prefix: str = "", device: torch.device |
     Every tensor is read once, renamed with ``vae_key_map``'s mapping and reshaped; ``progress``
     gets (tensors done, total)."""
     shapes = {k: v for h in headers for k, v in h.shapes().items()}
-    config, mapping, targets = _plan(shapes, prefix)
     run_dtype = resolve_vae_dtype(dtype)
+    _, mapping, targets, model = _plan(shapes, prefix, run_dtype)  # the model is built once, on meta
     state: dict[str, torch.Tensor] = {}
     for header in headers:
         names = [k for k in header.tensors if k in mapping]
@@ -237,7 +239,6 @@ def load_vae(headers: Sequence[Header], prefix: str = "", device: torch.device |
             state[mapping[key]] = tensor.reshape(targets[mapping[key]])
             if progress is not None:
                 progress(len(state), len(mapping))
-    model = build_vae(config, dtype=run_dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return ZImageVAE(model, dtype)
 
