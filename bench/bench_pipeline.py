@@ -8,9 +8,10 @@ then runs each (peer, VRAM cap) in its own process so caps and caches never leak
 - ours: the pack's core modules called directly (the code the nodes call): staged loader, DiT,
   the memory plan of core/policy.plan for the cap (block streaming below the DiT's size), Turbo
   schedule (8 forwards), VAE decode (tiled when the plan says so); the DiT blocks compiled when
-  resident, as the sampler's compile=auto does (--compile off for eager), and, as auto does when the
-  budget has room, the forwards after the first replayed from a CUDA graph recorded per image
-  (core/graphs.py; the ``_nograph`` peers leave it out); s/forward = DiT time / 8;
+  resident, as the sampler's compile=auto does (--compile off for eager); s/forward = DiT time / 8;
+  the ``_graph`` peers also replay the forwards after the first from a CUDA graph recorded per image, as
+  compile=auto does with ZIMAGE_CUDA_GRAPHS=1 when the budget has room (core/graphs.py), and check that the
+  replayed latent equals the plain loop's;
 - ours_fp8: the same with the DiT's block linears converted to fp8 (per-tensor scales) with fp8
   matmuls (the policy's fp8_fast), and the mean absolute difference of the image (0..1) from the
   bf16 image of the same seed and caption;
@@ -95,7 +96,7 @@ def fake_caption(dim: int = 2560):
 # ---------------------------------------------------------------- workers (one process each)
 
 def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention: str = "sdpa",
-                graphs: bool = True) -> dict:
+                graphs: bool = False) -> dict:
     import torch
     from zimage_nodes.core import compile as dit_compile, loader, policy as P, sampling, schedule, vae as vae_mod
     from zimage_nodes.core.graphs import StepGraphs
@@ -151,7 +152,7 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
     def model_fn(x, s, c):
         return dit(x, s, c)
 
-    use_graphs = graphs and compiled and P.graph_headroom(mplan, req)  # the sampler's compile=auto
+    use_graphs = graphs and compiled and P.graph_headroom(mplan, req)  # compile=auto with ZIMAGE_CUDA_GRAPHS=1
     graph_errors: list[str] = []
 
     def one(seed):
@@ -201,7 +202,7 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
             + (", fp8 matmuls" if fp8 else "")
             + (f", attention {attention}" + (" fp8" if fp8 and fp8_attention else "") if attention != "sdpa" else ""))
     peer = ("ours_fp8" if fp8 else "ours") + ("" if attention == "sdpa" else f"_{attention}") + (
-        "" if graphs else "_nograph")
+        "_graph" if graphs else "")
     return {"peer": peer, "cap": cap, "mode": mode, "dit_s": dit_s,
             "vae_s": statistics.median(r[1] for r in res), "finite": all(r[2] for r in res),
             "fwd_s": dit_s / (len(sigmas) - 1), "fwd_alone_s": statistics.median(fwd_times),
@@ -412,12 +413,12 @@ def worker_ours_fp8(root: Path, cap: float, runs: int) -> dict:
     return worker_ours(root, cap, runs, fp8=True)
 
 
-def worker_ours_nograph(root: Path, cap: float, runs: int) -> dict:
-    return worker_ours(root, cap, runs, graphs=False)
+def worker_ours_graph(root: Path, cap: float, runs: int) -> dict:
+    return worker_ours(root, cap, runs, graphs=True)
 
 
-def worker_ours_fp8_nograph(root: Path, cap: float, runs: int) -> dict:
-    return worker_ours(root, cap, runs, fp8=True, graphs=False)
+def worker_ours_fp8_graph(root: Path, cap: float, runs: int) -> dict:
+    return worker_ours(root, cap, runs, fp8=True, graphs=True)
 
 
 def worker_ours_fa3(root: Path, cap: float, runs: int) -> dict:
@@ -429,7 +430,7 @@ def worker_ours_fp8_fa3(root: Path, cap: float, runs: int) -> dict:
 
 
 WORKERS = {"ours": worker_ours, "ours_fp8": worker_ours_fp8, "ours_fa3": worker_ours_fa3,
-           "ours_nograph": worker_ours_nograph, "ours_fp8_nograph": worker_ours_fp8_nograph,
+           "ours_graph": worker_ours_graph, "ours_fp8_graph": worker_ours_fp8_graph,
            "ours_fp8_fa3": worker_ours_fp8_fa3, "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib,
            "modes": worker_modes}
 

@@ -305,7 +305,7 @@ def encode_text(model: ZImageModel, text: str) -> tuple[ZImageConditioning, str]
 # ---------------------------------------------------------------- sampling
 
 COMPILE_CHOICES = ("off", "blocks", "auto")  # permanent: saved workflows store these
-GRAPHS_ENV = "ZIMAGE_CUDA_GRAPHS"  # 0: auto never replays CUDA graphs (core/graphs.py)
+GRAPHS_ENV = "ZIMAGE_CUDA_GRAPHS"  # 1: auto replays CUDA graphs (core/graphs.py); opt-in until measured on a GPU
 
 
 def snap_size(width: int, height: int, notes: list[str]) -> tuple[int, int]:
@@ -369,6 +369,16 @@ def _start_latent(model: ZImageModel, latent: Optional[dict], image: Optional[to
     if batch_size > 1 and batch_size != raw.shape[0]:
         notes.append(f"batch_size {batch_size} is ignored: the {name} input holds {raw.shape[0]} image(s)")
     return raw.detach().to(bridge.intermediate_device(), torch.float32)
+
+
+def graphs_allowed(compile_mode: str, dev: torch.device, plan: Optional[P.Plan], req: P.Request,
+                   compiled: bool, forwards: int) -> bool:
+    """Whether the sampler replays its forwards from a CUDA graph (core/graphs.py): opted in with
+    ZIMAGE_CUDA_GRAPHS=1, compile "auto" with the blocks compiled, a CUDA device, more than two forwards, and a
+    plan with the DiT resident and room for the graph's activations (``policy.graph_headroom``)."""
+    return (os.environ.get(GRAPHS_ENV, "").strip().lower() in ("1", "on", "true", "yes")
+            and compile_mode == "auto" and compiled and dev.type == "cuda" and forwards > 2
+            and plan is not None and P.graph_headroom(plan, req))
 
 
 def _check_compile_mode(compile_mode: str) -> None:
@@ -485,9 +495,7 @@ def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height:
     plan_now: list[Optional[P.Plan]] = [None]
 
     def use_graphs(dev: torch.device, plan: Optional[P.Plan]) -> bool:
-        return (compile_mode == "auto" and dev.type == "cuda" and plan is not None and n > 2
-                and dit_compile.is_enabled(model.dit) and P.graph_headroom(plan, req)
-                and os.environ.get(GRAPHS_ENV, "1").strip().lower() not in ("0", "off", "false", "no"))
+        return graphs_allowed(compile_mode, dev, plan, req, dit_compile.is_enabled(model.dit), n)
 
     def run_eager_if_compile_fails(dev: torch.device, plan: Optional[P.Plan]) -> torch.Tensor:
         _use_compile(model, compile_mode, dev, plan, notes)

@@ -118,3 +118,22 @@ def test_cuda_graph_of_a_small_dit_equals_its_forward() -> None:
     assert sg.error is None and sg.replays == len(sigmas) - 2  # all but the first forward
     assert torch.equal(got, ref)  # the same kernels on the same inputs
     sg.close()
+
+
+def test_the_sampler_replays_graphs_only_when_opted_in_and_everything_allows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from zimage_nodes import runtime
+    req = P.Request(1024, 1024)
+    roomy = _plan(P.Mode.MODEL_OFFLOAD, 40 * 2**30, 13 * 2**30)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.delenv(runtime.GRAPHS_ENV, raising=False)
+    assert not runtime.graphs_allowed("auto", cuda, roomy, req, True, 8)  # opt-in
+    monkeypatch.setenv(runtime.GRAPHS_ENV, "1")
+    assert runtime.graphs_allowed("auto", cuda, roomy, req, True, 8)
+    assert not runtime.graphs_allowed("blocks", cuda, roomy, req, True, 8)
+    assert not runtime.graphs_allowed("auto", cuda, roomy, req, False, 8)  # compile failed: eager
+    assert not runtime.graphs_allowed("auto", torch.device("cpu"), roomy, req, True, 8)
+    assert not runtime.graphs_allowed("auto", cuda, roomy, req, True, 2)
+    assert not runtime.graphs_allowed("auto", cuda, None, req, True, 8)
+    assert not runtime.graphs_allowed("auto", cuda, _plan(P.Mode.BLOCK_SWAP, 40 * 2**30, 13 * 2**30), req, True, 8)
+    monkeypatch.setenv(runtime.GRAPHS_ENV, "0")
+    assert not runtime.graphs_allowed("auto", cuda, roomy, req, True, 8)

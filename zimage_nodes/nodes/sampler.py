@@ -60,9 +60,9 @@ class ZImageSampler:
                                "NVIDIA); auto = blocks when the DiT runs resident on an NVIDIA GPU with triton, "
                                "else off. The first run (and a new batch size) compiles for a few seconds; "
                                "other sizes and prompt lengths reuse it. Same image as off up to rounding. "
-                               "Falls back to off if compiling fails. auto also replays the forwards after the "
-                               "first from a CUDA graph recorded for the run when the memory plan has room for "
-                               "it (same image as blocks); set ZIMAGE_CUDA_GRAPHS=0 to turn that off."}),
+                               "Falls back to off if compiling fails. With the environment variable "
+                               "ZIMAGE_CUDA_GRAPHS=1 (experimental), auto also replays the forwards after the "
+                               "first from a CUDA graph recorded for the run when the memory plan has room for it."}),
             },
         }
 
