@@ -24,6 +24,11 @@ CUDA stream, and copy every piece into its tensor's destination bytes:
   256 MiB chunks; more threads did not help, so registering and unregistering probably serialise in the
   driver, not measured directly). A refused registration falls back to pread and is remembered for the
   rest of the process.
+* **hybrid** (``ZIMAGE_FASTREAD=hybrid``, experimental, not yet measured on a GPU): the first
+  ``ZIMAGE_LOAD_REGISTER_WORKERS`` workers (default 1) register their chunks as above while the others pread,
+  all taking chunks from the one queue; the idea is that the GPU's copy engines read registered pages while
+  the CPU copies others, so the two rates might add up towards the pinned copy rate
+  (bench/load_profile.py measures it).
 
 Device memory. Destination tensors (raw bytes in the file's dtype) are allocated in file order on the
 caller's current stream (so its caching-allocator pool gets them back), and a worker's stream waits on
@@ -40,10 +45,12 @@ the mapping before ``close()`` returns.
 Environment knobs (read at each call):
 
 * ``ZIMAGE_FASTREAD``: ``0`` (or ``off``/``false``/``no``) restores the one-tensor-at-a-time
-  ``safe_open`` path; ``register`` uses the registered mapping; anything else (default): pread.
+  ``safe_open`` path; ``register`` uses the registered mapping; ``hybrid`` mixes the two; anything else
+  (default): pread.
 * ``ZIMAGE_LOAD_THREADS``: worker threads (default ``min(12, os.cpu_count())``).
 * ``ZIMAGE_LOAD_CHUNK_MB``: the chunk size in MiB (default 64), a tuning knob.
-* ``ZIMAGE_LOAD_HOLD_CHUNKS`` (default 2), ``ZIMAGE_LOAD_DROP_PAGES`` (default off): registered mode only.
+* ``ZIMAGE_LOAD_HOLD_CHUNKS`` (default 2), ``ZIMAGE_LOAD_DROP_PAGES`` (default off): registered and hybrid modes.
+* ``ZIMAGE_LOAD_REGISTER_WORKERS`` (default 1): hybrid mode only.
 """
 from __future__ import annotations
 
