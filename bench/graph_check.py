@@ -19,18 +19,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from bench_pipeline import cuda_time as timed  # noqa: E402
 from check_sampler_gpu import FULL, random_dit  # noqa: E402
 from zimage_nodes.core import compile as dit_compile, sampling, schedule  # noqa: E402
 from zimage_nodes.core.graphs import StepGraphs  # noqa: E402
-
-
-def timed(fn) -> tuple[torch.Tensor, float]:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    out = fn()
-    end.record()
-    torch.cuda.synchronize()
-    return out, start.elapsed_time(end) / 1000.0
 
 
 def main() -> int:

@@ -35,14 +35,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import torch  # noqa: E402
 
 from bench_load import generate, paths  # noqa: E402
-
-ROWS: list[dict] = []
-
-
-def row(name: str, **kw) -> None:
-    r = {"name": name, **kw}
-    ROWS.append(r)
-    print(json.dumps(r), flush=True)
+from dit_speed_lab import ROWS, row  # noqa: E402
 
 
 def fresh() -> None:

@@ -463,7 +463,7 @@ def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height:
         notes.append(f"cfg {cfg:g}: the negative prompt runs {how}")
     clear_every = int(getattr(getattr(model, "policy", None), "cache_clear_interval", 0) or 0)
 
-    def run(dev: torch.device) -> torch.Tensor:
+    def run(dev: torch.device, plan: Optional[P.Plan]) -> torch.Tensor:
         # previews follow ComfyUI's preview method (off by default in 0.3.75), one per step when on;
         # a preview is the only thing in the loop that reads the device (one small copy per step)
         _maybe_inject_oom("sample")  # inside the attempt run under policy_runtime.run_with_fallback
@@ -479,7 +479,8 @@ def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height:
         def forward(x: torch.Tensor, s: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
             return model.dit(x, s, cap)
 
-        graphs = dit_graphs.StepGraphs(forward) if use_graphs(dev, plan_now[0]) else None
+        use_graphs = graphs_allowed(compile_mode, dev, plan, req, dit_compile.is_enabled(model.dit), n)
+        graphs = dit_graphs.StepGraphs(forward) if use_graphs else None
         try:
             return sampling.sample(graphs or forward, noise.to(dev), sigmas,
                                    positive.embeds.to(dev, compute), cfg=cfg, max_batch=max_batch, callback=on_step,
@@ -492,16 +493,10 @@ def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height:
                 notes.append(f"CUDA graph: {graphs.replays} of {n} DiT forwards replayed from one recorded forward"
                              if graphs.error is None else f"CUDA graph not used ({graphs.error})")
 
-    plan_now: list[Optional[P.Plan]] = [None]
-
-    def use_graphs(dev: torch.device, plan: Optional[P.Plan]) -> bool:
-        return graphs_allowed(compile_mode, dev, plan, req, dit_compile.is_enabled(model.dit), n)
-
     def run_eager_if_compile_fails(dev: torch.device, plan: Optional[P.Plan]) -> torch.Tensor:
         _use_compile(model, compile_mode, dev, plan, notes)
-        plan_now[0] = plan
         try:
-            return run(dev)
+            return run(dev, plan)
         except Exception as exc:  # only a failing torch.compile is retried (eagerly); everything else propagates
             if not (dit_compile.is_enabled(model.dit) and dit_compile.is_compile_error(exc)):
                 raise
@@ -509,7 +504,7 @@ def sample(model: ZImageModel, positive: ZImageConditioning, width: int, height:
             msg = f"torch.compile failed ({dit_compile.describe_error(exc)}); ran without it"
             bridge.warn(msg)
             notes.append(msg)
-            return run(dev)
+            return run(dev, plan)
 
     req = P.Request(shape[3] * 8, shape[2] * 8, batch=shape[0], cfg_batch=2 if batched_cfg else 1,
                     caption_tokens=max(positive.embeds.shape[1], uncond.embeds.shape[1] if uncond is not None else 0))

@@ -78,10 +78,6 @@ class StepGraphs:
         self.error: Optional[str] = None
         self.replays = 0
 
-    @property
-    def active(self) -> bool:
-        return self.error is None
-
     def __call__(self, x: Tensor, sigma: Tensor, cap: Tensor) -> Tensor:
         if self.error is not None or x.device.type not in self.device_types:
             return self.fn(x, sigma, cap)
