@@ -79,7 +79,7 @@ def meta_dit_from_shapes(shapes: Mapping[str, tuple[int, ...]], prefix: str = ""
                          dtype: torch.dtype | None = None) -> "ZImageDiT":
     """The ZImageDiT (on the meta device, parameters in ``dtype``) that a file with these tensor shapes
     describes, after the checks of ``dit_config_from_shapes``. The loader streams the file into it, so
-    the model is built once (building the full-size one takes ~20 ms on a 2-core CPU)."""
+    the model is built once (the full-size one: ~20 ms on a 2-core CPU, bench/meta_build_time.py)."""
     def shape(key: str, ndim: int) -> tuple[int, ...]:
         if prefix + key not in shapes:
             raise _shape_error(f"The diffusion model file has no tensor '{prefix}{key}'.",
