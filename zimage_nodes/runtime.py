@@ -376,7 +376,10 @@ def graphs_allowed(compile_mode: str, dev: torch.device, plan: Optional[P.Plan],
     """Whether the sampler replays its forwards from a CUDA graph (core/graphs.py): opted in with
     ZIMAGE_CUDA_GRAPHS=1, compile "auto" with the blocks compiled, a CUDA device, more than two forwards, and a
     plan with the DiT resident and room for the graph's activations (``policy.graph_headroom``)."""
-    return (os.environ.get(GRAPHS_ENV, "").strip().lower() in ("1", "on", "true", "yes")
+    value = os.environ.get(GRAPHS_ENV, "").strip().lower()
+    if value not in ("", "1", "on", "true", "yes", "0", "off", "false", "no"):
+        bridge.warn(f"{GRAPHS_ENV}={value!r} is not understood; CUDA graphs stay off (set it to 1 to use them)")
+    return (value in ("1", "on", "true", "yes")
             and compile_mode == "auto" and compiled and dev.type == "cuda" and forwards > 2
             and plan is not None and P.graph_headroom(plan, req))
 

@@ -137,3 +137,8 @@ def test_the_sampler_replays_graphs_only_when_opted_in_and_everything_allows(mon
     assert not runtime.graphs_allowed("auto", cuda, _plan(P.Mode.BLOCK_SWAP, 40 * 2**30, 13 * 2**30), req, True, 8)
     monkeypatch.setenv(runtime.GRAPHS_ENV, "0")
     assert not runtime.graphs_allowed("auto", cuda, roomy, req, True, 8)
+    said: list[str] = []
+    monkeypatch.setattr(runtime.bridge, "warn", said.append)
+    monkeypatch.setenv(runtime.GRAPHS_ENV, "maybe")
+    assert not runtime.graphs_allowed("auto", cuda, roomy, req, True, 8)
+    assert len(said) == 1 and "ZIMAGE_CUDA_GRAPHS='maybe'" in said[0] and "set it to 1" in said[0]
