@@ -23,11 +23,20 @@ then runs each (peer, VRAM cap) in its own process so caps and caches never leak
   8 forwards with FlowMatchEulerDiscreteScheduler.
 A cap is torch.cuda.set_per_process_memory_fraction(cap / total). Timings use CUDA events after a
 warm-up; the median of --runs images. The text embedding is computed once and cached (not timed).
+
+--alloc picks PyTorch's CUDA allocator for every worker: native (the caching allocator, the default, as every
+table in docs/BENCHMARKS.md so far) or async (backend:cudaMallocAsync, what ComfyUI's main.py turns on by
+default for torch 2.x on CUDA; its --disable-cuda-malloc turns it off). The table says which one ran.
+
+--smoke runs the ours* peers on the CPU with the scaled-down ("tiny") files at 256x256, the blocks compiled with
+dynamo's eager backend (CUDA graphs pass through on the CPU), so the script's own code is checked before GPU
+time is spent on it (tests/unit/test_bench_smoke.py); its numbers mean nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -41,13 +50,21 @@ GB = 1024 ** 3
 W = H = 1024
 CAP_TOKENS = 128
 COMPILE = True  # --compile off turns it off (in the workers too)
+SMOKE = False  # --smoke: CPU, tiny files, 256x256 (in the workers too)
+DEVICE = "cuda"
+CPU_BUDGET = 64 * 1024 ** 3  # the memory plan's budget in a CPU smoke run
 FLOP_PER_FORWARD = 56.6e12  # 1024x1024, 128 caption tokens (zimage.md)
 
 
 # ---------------------------------------------------------------- helpers
 
 def cuda_time(fn, sync=True):
+    """(fn(), seconds) by CUDA events; by the wall clock where CUDA is missing (the benches' CPU smoke runs)."""
     import torch
+    if not torch.cuda.is_available():
+        t = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     out = fn()
@@ -64,6 +81,18 @@ def apply_cap(cap_gb: float) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * GB / total))
 
 
+def sync() -> None:
+    import torch
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def allocator() -> str:
+    """The CUDA allocator this process uses ("native" or "cudaMallocAsync"); "none" without CUDA."""
+    import torch
+    return torch.cuda.get_allocator_backend() if DEVICE == "cuda" and torch.cuda.is_available() else "none"
+
+
 def rss() -> int:
     import psutil
     return psutil.Process().memory_info().rss
@@ -77,8 +106,9 @@ def weight_paths(root: Path) -> dict[str, Path]:
 def generate(root: Path) -> None:
     from zimage_nodes.testing import weights
     t = time.time()
-    weights.ensure_single_files(root / "models")
-    print(f"[bench] full-size weights ready in {time.time() - t:.0f}s", flush=True)
+    scale = "tiny" if SMOKE else "full"
+    weights.ensure_single_files(root / "models", scale)
+    print(f"[bench] {scale} weights ready in {time.time() - t:.0f}s", flush=True)
 
 
 def _tokenizer_dir() -> Path:
@@ -102,20 +132,21 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
     from zimage_nodes.core.graphs import StepGraphs
     from zimage_nodes.core.streaming import BlockStreamer
     paths = weight_paths(root)
-    dev = torch.device("cuda")
+    dev = torch.device(DEVICE)
+    cuda = dev.type == "cuda"
     apply_cap(cap)
     base_rss = rss()
     t0 = time.time()
     plan = loader.plan_single_files(paths["dit"], paths["te"], paths["vae"], _tokenizer_dir())
     sizes = P.sizes_from_shapes(plan.dit.shapes, plan.text_encoder.shapes, plan.vae.shapes)
-    budget = int(cap * GB) if cap > 0 else torch.cuda.get_device_properties(0).total_memory
+    budget = int(cap * GB) if cap > 0 else (torch.cuda.get_device_properties(0).total_memory if cuda else CPU_BUDGET)
     req = P.Request(W, H, caption_tokens=CAP_TOKENS)
     mplan = P.plan(P.Policy(), sizes, req, budget)
     if mplan.mode is P.Mode.FULL_GPU:  # the TE would be resident too; embedding cached here, so DiT+VAE
         mplan.mode = P.Mode.MODEL_OFFLOAD
     streamed = mplan.mode in (P.Mode.BLOCK_SWAP, P.Mode.SEQUENTIAL)
     dit = loader.load_dit(plan.dit, torch.device("cpu") if streamed else dev, torch.bfloat16, torch.bfloat16)
-    torch.cuda.synchronize()
+    sync()
     load_s = time.time() - t0
     if attention != "sdpa" and (why := dit.set_attention_backend(attention)):
         raise RuntimeError(why)
@@ -128,12 +159,13 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
             if id(p) not in inside:
                 p.data = p.data.to(dev)
         streamer = BlockStreamer(units, dev, mplan.resident_dit, mplan.prefetch).install()
-    cap_feats = fake_caption().to(dev, torch.bfloat16)
+    cap_feats = fake_caption(dit.cfg.cap_feat_dim).to(dev, torch.bfloat16)
     sigmas = schedule.make_sigmas("turbo", 9)
     fwd_times: list[float] = []
     compiled = COMPILE and not streamed  # the sampler's compile=auto: resident DiT on CUDA
+    backend = "eager" if SMOKE else "inductor"
     if compiled:
-        dit_compile.enable(dit)
+        dit_compile.enable(dit, backend=backend)
     mad = latent_rel = None
     if fp8:  # the bf16 image of seed 1 first, then the same DiT converted in place (fp8_fast)
         from zimage_nodes.core import ops
@@ -147,7 +179,7 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
         torch._dynamo.reset()
         if compiled:
             dit_compile.disable(dit)
-            dit_compile.enable(dit)
+            dit_compile.enable(dit, backend=backend)
 
     def model_fn(x, s, c):
         return dit(x, s, c)
@@ -183,7 +215,8 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
             replayed = sampling.sample(fn, noise, sigmas, cap_feats)
             fn.close()
         graph_diff = float((plain - replayed).abs().max())
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     res = [one(i + 1) for i in range(runs)]
     with torch.inference_mode():  # one forward alone (launch latency not hidden by the loop), for reference
         x = torch.randn(1, 16, H // 8, W // 8, device=dev)
@@ -206,7 +239,8 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
     return {"peer": peer, "cap": cap, "mode": mode, "dit_s": dit_s,
             "vae_s": statistics.median(r[1] for r in res), "finite": all(r[2] for r in res),
             "fwd_s": dit_s / (len(sigmas) - 1), "fwd_alone_s": statistics.median(fwd_times),
-            "image_mad_vs_bf16": mad, "graph_vs_plain_max_abs": graph_diff, "latent_rel_l2_vs_bf16": latent_rel, "peak_gb": torch.cuda.max_memory_allocated() / GB,
+            "image_mad_vs_bf16": mad, "graph_vs_plain_max_abs": graph_diff, "latent_rel_l2_vs_bf16": latent_rel,
+            "peak_gb": torch.cuda.max_memory_allocated() / GB if cuda else 0.0, "allocator": allocator(),
             "predicted_gb": mplan.peak / GB, "load_s": load_s,
             "rss_gb": (rss() - base_rss) / GB, "streamed_gb_per_fwd":
                 (sum(u.nbytes for u in streamer.streamed) / GB) if streamer else 0.0}
@@ -392,6 +426,10 @@ def worker_modes(root: Path, cap: float, runs: int) -> dict:
     return {"peer": "modes", "cap": cap, "rows": rows}
 
 
+SMOKE_CEILINGS = {"matmul_tflops": 1.0, "h2d_gbs": 1.0, "gpu": "none (CPU smoke run: the numbers mean nothing)",
+                  "torch": "-", "cuda": "-"}
+
+
 def ceilings() -> dict:
     """Measured bf16 matmul rate at the FFN shape and pinned host-to-device rate."""
     import torch
@@ -437,12 +475,14 @@ WORKERS = {"ours": worker_ours, "ours_fp8": worker_ours_fp8, "ours_fa3": worker_
 
 # ---------------------------------------------------------------- driver
 
-def table(rows: list[dict], ceil: dict, driver: str) -> str:
+def table(rows: list[dict], ceil: dict, driver: str, alloc: str = "native") -> str:
     floor_fwd = FLOP_PER_FORWARD / (ceil["matmul_tflops"] * 1e12)
     comfy = {r["cap"]: r for r in rows if r["peer"] == "comfy" and "error" not in r}
+    allocator = "cudaMallocAsync (ComfyUI's default)" if alloc == "async" else "PyTorch's caching allocator (native)"
     out = [f"GPU: {ceil['gpu']}, driver {driver}, torch {ceil['torch']} (CUDA {ceil['cuda']}); "
            f"measured bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, pinned H2D {ceil['h2d_gbs']:.1f} GB/s; "
-           f"floor per DiT forward {floor_fwd * 1000:.0f} ms ({FLOP_PER_FORWARD / 1e12:.1f} TFLOP).", "",
+           f"floor per DiT forward {floor_fwd * 1000:.0f} ms ({FLOP_PER_FORWARD / 1e12:.1f} TFLOP); "
+           f"CUDA allocator: {allocator}.", "",
            "| peer | cap GB | mode | DiT s/image | s/forward | VAE s | image s | x ComfyUI (image) | "
            "x floor (forward) | peak alloc GB | predicted GB | load s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -491,12 +531,17 @@ def main() -> int:
     ap.add_argument("--out", help="markdown file to write the table to")
     ap.add_argument("--compile", choices=("auto", "off"), default="auto",
                     help="ours: compile the DiT blocks when resident (the sampler's default), or not")
+    ap.add_argument("--alloc", choices=("native", "async"), default="native",
+                    help="the workers' CUDA allocator: native (caching) or async (cudaMallocAsync, ComfyUI's default)")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny files, 256x256: checks the script, not speed")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = Path(args.weights)
-    global COMPILE
+    global COMPILE, SMOKE, DEVICE, W, H
     COMPILE = args.compile == "auto"
+    if args.smoke:
+        SMOKE, DEVICE, W, H = True, "cpu", 256, 256
     if args.worker:
         try:
             print("RESULT " + json.dumps(WORKERS[args.worker](root, args.cap, args.runs)), flush=True)
@@ -506,23 +551,30 @@ def main() -> int:
             print("RESULT " + json.dumps({"peer": args.worker, "cap": args.cap, "error": f"{type(e).__name__}: {e}"}))
         return 0
     generate(root)
-    ceil = ceilings()
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                            capture_output=True, text=True).stdout.strip() or "?"
+    ceil = SMOKE_CEILINGS if SMOKE else ceilings()
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True).stdout.strip() or "?"
+    except OSError:
+        driver = "?"
+    env = dict(os.environ)
+    if args.alloc == "async":  # appended as ComfyUI's cuda_malloc.py does
+        conf = env.get("PYTORCH_CUDA_ALLOC_CONF")
+        env["PYTORCH_CUDA_ALLOC_CONF"] = f"{conf},backend:cudaMallocAsync" if conf else "backend:cudaMallocAsync"
     rows = []
     for cap in [float(c) for c in args.caps.split(",")]:
         for peer in args.peers.split(","):
             t = time.time()
             out = subprocess.run([sys.executable, __file__, "--weights", str(root), "--worker", peer,
-                                  "--cap", str(cap), "--runs", str(args.runs), "--compile", args.compile],
-                                 capture_output=True, text=True)
+                                  "--cap", str(cap), "--runs", str(args.runs), "--compile", args.compile]
+                                 + (["--smoke"] if SMOKE else []), capture_output=True, text=True, env=env)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             row = json.loads(line[7:]) if line else {"peer": peer, "cap": cap, "error": out.stderr[-300:]}
             rows.append(row)
             print(f"[bench] {peer} cap {cap}: {time.time() - t:.0f}s {json.dumps(row)}", flush=True)
             if "error" in row:
                 print(out.stderr[-3000:], flush=True)
-    text = table(rows, ceil, driver)
+    text = table(rows, ceil, driver, args.alloc)
     print(text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

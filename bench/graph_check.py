@@ -4,6 +4,7 @@ memory (no files): the compiled blocks' 8-forward Turbo loop, plain and through 
 after a warm-up, CUDA events).
 
     python bench/graph_check.py [--out graph_check.json]
+    python bench/graph_check.py --device cpu --scale tiny   # smoke run (tests): no graphs on the CPU, numbers mean nothing
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_pipeline import cuda_time as timed  # noqa: E402
 from check_sampler_gpu import FULL, random_dit  # noqa: E402
+from zimage_nodes.core.dit import DiTConfig  # noqa: E402
 from zimage_nodes.core import compile as dit_compile, sampling, schedule  # noqa: E402
 from zimage_nodes.core.graphs import StepGraphs  # noqa: E402
 
@@ -28,15 +30,22 @@ from zimage_nodes.core.graphs import StepGraphs  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--device", default="cuda", help="cuda[:N], or cpu for a smoke run")
+    ap.add_argument("--scale", choices=("full", "tiny"), default="full",
+                    help="tiny: a 2+2+2-block DiT of width 256 at 256x256, compiled with the eager backend (smoke run)")
     args = ap.parse_args()
-    dev = "cuda"
+    dev = torch.device(args.device)
+    cfg = FULL if args.scale == "full" else DiTConfig(dim=256, n_layers=2, n_refiner_layers=2, n_heads=2,
+                                                      ffn_hidden=768, cap_feat_dim=64, t_hidden=256)
+    side = 128 if args.scale == "full" else 32
     g = torch.Generator().manual_seed(1)
-    noise = torch.randn(1, 16, 128, 128, generator=g).to(dev)
-    cap = (torch.randn(1, 128, FULL.cap_feat_dim, generator=g) * 3).to(dev, torch.bfloat16)
+    noise = torch.randn(1, 16, side, side, generator=g).to(dev)
+    cap = (torch.randn(1, 128, cfg.cap_feat_dim, generator=g) * 3).to(dev, torch.bfloat16)
     sigmas = schedule.make_sigmas("turbo", 9)
-    model = random_dit(FULL, dev, torch.bfloat16)
-    dit_compile.enable(model)
-    res: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    model = random_dit(cfg, str(dev), torch.bfloat16)
+    dit_compile.enable(model, backend="inductor" if args.scale == "full" else "eager")
+    res: dict = {"gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none (cpu)",
+                 "torch": torch.__version__, "scale": args.scale}
     with torch.inference_mode():
         plain_t, graph_t, errors = [], [], []
         plain = replayed = None
@@ -52,7 +61,7 @@ def main() -> int:
         res.update(plain_loop8_s=statistics.median(plain_t[1:]), graph_loop8_s=statistics.median(graph_t[1:]),
                    plain_all_s=plain_t, graph_all_s=graph_t, errors=errors,
                    max_abs_diff=float((plain - replayed).abs().max()),
-                   peak_gb=torch.cuda.max_memory_allocated() / 2 ** 30)
+                   peak_gb=torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None)
     res["plain_ms_per_forward"] = res["plain_loop8_s"] / 8 * 1000
     res["graph_ms_per_forward"] = res["graph_loop8_s"] / 8 * 1000
     print("RESULT " + json.dumps(res), flush=True)
