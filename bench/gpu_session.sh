@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One device call that measures what the open issues (#3 loader, #6 sampler) still need, in priority order,
+# inside one call's limit. Run through `device` with carry [".cache/gpurun"] (scripts/device_bundle.sh):
+#
+#     bash bench/gpu_session.sh [seconds, default 570]
+#
+# Results go to $OUT (the device's output folder; /tmp/gpu_session elsewhere), one file per step, plus
+# session.log. A step starts only when its usual time is left, and is cut off at the budget's end.
+#   1. full-size weights written in the background (~80 s) while bench/graph_check.py (~60 s, no files)
+#      compares the CUDA-graph loop with the plain compiled loop;
+#   2. bench_pipeline.py: ours, ours_graph, ours_fp8, ours_fp8_graph, ComfyUI, diffusers (whole card);
+#   3. load_profile.py: where the warm load's time goes;
+#   4. bench_pipeline.py --alloc async: ours_graph and ComfyUI under cudaMallocAsync (ComfyUI's default).
+set -u
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT="${OUT:-/tmp/gpu_session}"
+mkdir -p "$OUT"
+BUDGET="${1:-570}"
+WEIGHTS=/tmp/zw
+exec > >(tee -a "$OUT/session.log") 2>&1
+
+left() { echo $((BUDGET - SECONDS)); }
+step() {  # step NAME SECONDS_NEEDED command...
+  local name=$1 need=$2
+  shift 2
+  if [ "$(left)" -lt "$need" ]; then
+    echo "[session] skipped $name: needs ~${need}s, $(left)s left"
+    return 0
+  fi
+  echo "[session] $(date +%T) $name ($(left)s left)"
+  timeout --signal=INT --kill-after=10 "$(( $(left) - 5 ))" "$@"
+  echo "[session] $name rc=$? at ${SECONDS}s"
+}
+
+source scripts/device_env.sh || { echo "[session] device_env.sh failed (is .cache/gpurun carried?)"; exit 3; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+python3 -c "
+import sys; sys.path.insert(0, '.')
+from zimage_nodes.testing import weights
+weights.ensure_single_files(__import__('pathlib').Path('$WEIGHTS') / 'models')
+" > "$OUT/weights.log" 2>&1 &
+GEN=$!
+step graph_check 90 python3 bench/graph_check.py --out "$OUT/graph_check.json"
+wait $GEN
+echo "[session] weights ready at ${SECONDS}s (rc=$?)"
+
+step bench_pipeline 300 python3 bench/bench_pipeline.py --weights "$WEIGHTS" --runs 2 --caps 0 \
+  --peers ours,ours_graph,ours_fp8,ours_fp8_graph,comfy,diffusers --out "$OUT/card.md"
+step load_profile 120 python3 bench/load_profile.py --weights "$WEIGHTS" --out "$OUT/load_profile.json"
+step bench_pipeline_async 150 python3 bench/bench_pipeline.py --weights "$WEIGHTS" --runs 2 --caps 0 \
+  --alloc async --peers ours_graph,comfy --out "$OUT/card_async.md"
+echo "[session] done at ${SECONDS}s"
