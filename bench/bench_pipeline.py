@@ -12,6 +12,8 @@ then runs each (peer, VRAM cap) in its own process so caps and caches never leak
   the ``_graph`` peers also replay the forwards after the first from a CUDA graph recorded per image, as
   compile=auto does with ZIMAGE_CUDA_GRAPHS=1 when the budget has room (core/graphs.py), and check that the
   replayed latent equals the plain loop's;
+- ours_b4 / ours_graph_b4: ours / ours_graph, then the same loop and VAE decode for a batch of 4 images (the blocks
+  compile again for batch 4 first), reporting images/s against batch 1 (the sampler issue asks >= 1.1 x);
 - ours_fp8: the same with the DiT's block linears converted to fp8 (per-tensor scales) with fp8
   matmuls (the policy's fp8_fast), and the mean absolute difference of the image (0..1) from the
   bf16 image of the same seed and caption;
@@ -126,7 +128,7 @@ def fake_caption(dim: int = 2560):
 # ---------------------------------------------------------------- workers (one process each)
 
 def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention: str = "sdpa",
-                graphs: bool = False) -> dict:
+                graphs: bool = False, batch4: bool = False) -> dict:
     import torch
     from zimage_nodes.core import compile as dit_compile, loader, policy as P, sampling, schedule, vae as vae_mod
     from zimage_nodes.core.graphs import StepGraphs
@@ -218,6 +220,28 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     res = [one(i + 1) for i in range(runs)]
+    b4: dict = {}
+    if batch4:  # the sampler issue: batch 4 throughput >= 1.1 x batch 1 (same process, same compiled blocks)
+        req4 = P.Request(W, H, batch=4, caption_tokens=CAP_TOKENS)
+        graphs4 = use_graphs and P.graph_headroom(P.plan(P.Policy(), sizes, req4, budget), req4)
+
+        def four(seed):
+            g = torch.Generator().manual_seed(seed)
+            noise = torch.randn(4, 16, H // 8, W // 8, generator=g).to(dev)
+            fn = StepGraphs(model_fn) if graphs4 else model_fn
+            with torch.inference_mode():
+                x0, t_dit = cuda_time(lambda: sampling.sample(fn, noise, sigmas, cap_feats))
+                if graphs4:
+                    fn.close()
+                _img, t_vae = cuda_time(lambda: vae.decode(vae_mod.model_to_raw(x0)))
+            return t_dit, t_vae
+
+        four(100)  # warm-up: the blocks compile for batch 4 (the batch dimension is static)
+        r4 = [four(101 + i) for i in range(runs)]
+        dit4, vae4 = statistics.median(r[0] for r in r4), statistics.median(r[1] for r in r4)
+        dit1, vae1 = statistics.median(r[0] for r in res), statistics.median(r[1] for r in res)
+        b4 = {"batch4_dit_s": dit4, "batch4_vae_s": vae4, "batch4_graphs": graphs4,
+              "batch4_throughput_x": 4 * (dit1 + vae1) / (dit4 + vae4), "batch4_dit_throughput_x": 4 * dit1 / dit4}
     with torch.inference_mode():  # one forward alone (launch latency not hidden by the loop), for reference
         x = torch.randn(1, 16, H // 8, W // 8, device=dev)
         for _ in range(3):
@@ -234,9 +258,12 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
             + ((", CUDA graph" if not graph_errors else f", CUDA graph failed: {graph_errors[0]}") if use_graphs else "")
             + (", fp8 matmuls" if fp8 else "")
             + (f", attention {attention}" + (" fp8" if fp8 and fp8_attention else "") if attention != "sdpa" else ""))
+    if b4:
+        mode += (f"; batch 4: DiT {b4['batch4_dit_s']:.3f} s + VAE {b4['batch4_vae_s']:.3f} s, images/s "
+                 f"{b4['batch4_throughput_x']:.2f} x batch 1 (DiT alone {b4['batch4_dit_throughput_x']:.2f} x)")
     peer = ("ours_fp8" if fp8 else "ours") + ("" if attention == "sdpa" else f"_{attention}") + (
-        "_graph" if graphs else "")
-    return {"peer": peer, "cap": cap, "mode": mode, "dit_s": dit_s,
+        "_graph" if graphs else "") + ("_b4" if batch4 else "")
+    return {**b4, "peer": peer, "cap": cap, "mode": mode, "dit_s": dit_s,
             "vae_s": statistics.median(r[1] for r in res), "finite": all(r[2] for r in res),
             "fwd_s": dit_s / (len(sigmas) - 1), "fwd_alone_s": statistics.median(fwd_times),
             "image_mad_vs_bf16": mad, "graph_vs_plain_max_abs": graph_diff, "latent_rel_l2_vs_bf16": latent_rel,
@@ -459,6 +486,14 @@ def worker_ours_fp8_graph(root: Path, cap: float, runs: int) -> dict:
     return worker_ours(root, cap, runs, fp8=True, graphs=True)
 
 
+def worker_ours_b4(root: Path, cap: float, runs: int) -> dict:
+    return worker_ours(root, cap, runs, batch4=True)
+
+
+def worker_ours_graph_b4(root: Path, cap: float, runs: int) -> dict:
+    return worker_ours(root, cap, runs, graphs=True, batch4=True)
+
+
 def worker_ours_fa3(root: Path, cap: float, runs: int) -> dict:
     return worker_ours(root, cap, runs, attention="fa3")
 
@@ -467,7 +502,8 @@ def worker_ours_fp8_fa3(root: Path, cap: float, runs: int) -> dict:
     return worker_ours(root, cap, runs, fp8=True, attention="fa3")
 
 
-WORKERS = {"ours": worker_ours, "ours_fp8": worker_ours_fp8, "ours_fa3": worker_ours_fa3,
+WORKERS = {"ours": worker_ours, "ours_fp8": worker_ours_fp8, "ours_fa3": worker_ours_fa3, "ours_b4": worker_ours_b4,
+           "ours_graph_b4": worker_ours_graph_b4,
            "ours_graph": worker_ours_graph, "ours_fp8_graph": worker_ours_fp8_graph,
            "ours_fp8_fa3": worker_ours_fp8_fa3, "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib,
            "modes": worker_modes}
@@ -572,6 +608,10 @@ def main() -> int:
             row = json.loads(line[7:]) if line else {"peer": peer, "cap": cap, "error": out.stderr[-300:]}
             rows.append(row)
             print(f"[bench] {peer} cap {cap}: {time.time() - t:.0f}s {json.dumps(row)}", flush=True)
+            if args.out:  # kept as it goes: a run cut off by a time limit still leaves the rows measured so far
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).with_suffix(".json").write_text(
+                    json.dumps({"ceilings": ceil, "driver": driver, "rows": rows, "partial": True}, indent=1))
             if "error" in row:
                 print(out.stderr[-3000:], flush=True)
     text = table(rows, ceil, driver, args.alloc)

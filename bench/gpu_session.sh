@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# One device call that measures what the open issues (#3 loader, #6 sampler) still need, in priority order,
-# inside one call's limit. Run through `device` with carry [".cache/gpurun"] (scripts/device_bundle.sh):
+# What the open issues (#3 loader, #6 sampler) still need measured, in priority order, as two device calls of at
+# most 10 minutes each. Run through `device` with carry [".cache/gpurun"] (scripts/device_bundle.sh); make the
+# second call right after the first, while the machine is still warm, so the weights in /tmp/zw are reused:
 #
-#     bash bench/gpu_session.sh [seconds, default 570]
+#     bash bench/gpu_session.sh card [seconds, default 570]
+#     bash bench/gpu_session.sh rest [seconds, default 570]
 #
 # Results go to $OUT (the device's output folder; /tmp/gpu_session elsewhere), one file per step, plus
-# session.log. A step starts only when its usual time is left, and is cut off at the budget's end.
-#   1. full-size weights written in the background (~80 s) while bench/graph_check.py (~60 s, no files)
-#      compares the CUDA-graph loop with the plain compiled loop;
-#   2. bench_pipeline.py: ours, ours_graph, ours_fp8, ours_fp8_graph, ComfyUI, diffusers (whole card);
-#   3. load_profile.py: where the warm load's time goes;
-#   4. bench_pipeline.py --alloc async: ours_graph and ComfyUI under cudaMallocAsync (ComfyUI's default).
+# session-<part>.log. A step starts only when its usual time is left, and is cut off at the budget's end.
+# card: full-size weights written in the background (~80 s) while bench/graph_check.py (~60 s, no files)
+#       compares the CUDA-graph loop with the plain compiled loop; then bench_pipeline.py with ours_b4 (batch 1,
+#       then batch 4), ours_graph_b4, ours_fp8, ours_fp8_graph, ComfyUI and diffusers on the whole card.
+# rest: the weights (unless still there), load_profile.py (where the warm load's time goes), ours_graph and
+#       ComfyUI under cudaMallocAsync (ComfyUI's default allocator), then the whole-forward graph lab.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/gpu_session}"
 mkdir -p "$OUT"
-BUDGET="${1:-570}"
+PART="${1:-card}"
+BUDGET="${2:-570}"
 WEIGHTS=/tmp/zw
-exec > >(tee -a "$OUT/session.log") 2>&1
+case "$PART" in card|rest) ;; *) echo "usage: bash bench/gpu_session.sh card|rest [seconds]" >&2; exit 2 ;; esac
+exec > >(tee -a "$OUT/session-$PART.log") 2>&1
 
 left() { echo $((BUDGET - SECONDS)); }
 step() {  # step NAME SECONDS_NEEDED command...
@@ -40,15 +44,20 @@ python3 -c "
 import sys; sys.path.insert(0, '.')
 from zimage_nodes.testing import weights
 weights.ensure_single_files(__import__('pathlib').Path('$WEIGHTS') / 'models')
-" > "$OUT/weights.log" 2>&1 &
+" > "$OUT/weights-$PART.log" 2>&1 &
 GEN=$!
-step graph_check 90 python3 bench/graph_check.py --out "$OUT/graph_check.json"
-wait $GEN
-echo "[session] weights ready at ${SECONDS}s (rc=$?)"
-
-step bench_pipeline 300 python3 bench/bench_pipeline.py --weights "$WEIGHTS" --runs 2 --caps 0 \
-  --peers ours,ours_graph,ours_fp8,ours_fp8_graph,comfy,diffusers --out "$OUT/card.md"
-step load_profile 120 python3 bench/load_profile.py --weights "$WEIGHTS" --out "$OUT/load_profile.json"
-step bench_pipeline_async 150 python3 bench/bench_pipeline.py --weights "$WEIGHTS" --runs 2 --caps 0 \
-  --alloc async --peers ours_graph,comfy --out "$OUT/card_async.md"
-echo "[session] done at ${SECONDS}s"
+if [ "$PART" = card ]; then
+  step graph_check 90 python3 bench/graph_check.py --out "$OUT/graph_check.json"
+  wait $GEN
+  echo "[session] weights ready at ${SECONDS}s (rc=$?)"
+  step bench_pipeline 300 python3 bench/bench_pipeline.py --weights "$WEIGHTS" --runs 2 --caps 0 \
+    --peers ours_b4,ours_graph_b4,ours_fp8,ours_fp8_graph,comfy,diffusers --out "$OUT/card.md"
+else
+  wait $GEN
+  echo "[session] weights ready at ${SECONDS}s (rc=$?)"
+  step load_profile 120 python3 bench/load_profile.py --weights "$WEIGHTS" --out "$OUT/load_profile.json"
+  step bench_pipeline_async 150 python3 bench/bench_pipeline.py --weights "$WEIGHTS" --runs 2 --caps 0 \
+    --alloc async --peers ours_graph,comfy --out "$OUT/card_async.md"
+  step graph_lab 150 python3 bench/dit_speed_lab.py --graph-lab --out "$OUT"
+fi
+echo "[session] $PART done at ${SECONDS}s"

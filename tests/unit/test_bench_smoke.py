@@ -44,13 +44,16 @@ def test_graph_check_replays_equal_plain(tmp_path: Path) -> None:
 def test_bench_pipeline_ours_peers(tmp_path: Path) -> None:
     card = tmp_path / "card.md"
     _run(["bench/bench_pipeline.py", "--smoke", "--weights", str(tmp_path / "w"), "--peers",
-          "ours_graph,ours_fp8_graph", "--runs", "1", "--alloc", "async", "--out", str(card)])
+          "ours_graph_b4,ours_fp8_graph", "--runs", "1", "--alloc", "async", "--out", str(card)])
     rows = {r["peer"]: r for r in json.loads(card.with_suffix(".json").read_text())["rows"]}
-    assert set(rows) == {"ours_graph", "ours_fp8_graph"}
+    assert set(rows) == {"ours_graph_b4", "ours_fp8_graph"}
     for peer, r in rows.items():
         assert "error" not in r, r
         assert r["finite"] and r["graph_vs_plain_max_abs"] == 0.0, r
         assert "CUDA graph" in r["mode"] and "failed" not in r["mode"], r
     assert rows["ours_fp8_graph"]["image_mad_vs_bf16"] is not None
     assert "fp8 matmuls" in rows["ours_fp8_graph"]["mode"]
+    b4 = rows["ours_graph_b4"]
+    assert b4["batch4_graphs"] and b4["batch4_dit_s"] > 0 and b4["batch4_throughput_x"] > 0, b4
+    assert "partial" not in json.loads(card.with_suffix(".json").read_text())
     assert "cudaMallocAsync" in card.read_text()
