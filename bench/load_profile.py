@@ -12,7 +12,8 @@ With the three full-size single files in the page cache (written first if missin
 3. a cProfile of one warm ``load_dit`` + ``get`` (main thread: time waiting for the readers against Python work),
    and one of ``load_vae`` (small tensors: the per-tensor costs);
 4. the three components loaded at once from three threads (the ceiling of overlapping them);
-5. the cost of the device allocations alone (the DiT's tensor sizes after ``empty_cache``).
+5. the cost of the device allocations alone (the DiT's tensor sizes after ``empty_cache``), of the same bytes in one
+   allocation, and of the per-tensor allocations carved from a segment reserved just before.
 
 Prints one JSON line per measurement and writes them all to ``--out``; a step that fails prints an ``error`` row
 and the next step runs. ``--device cpu --scale tiny`` runs every step on the CPU with scaled-down files (pread
@@ -191,6 +192,22 @@ def alloc(plan) -> None:
         keep = [torch.empty(i.shape, dtype=torch_dtype(i), device=DEV) for i in infos]
         sync()
         row(f"alloc dit tensors rep {rep}", s=round(time.perf_counter() - s, 4), n=len(keep))
+        del keep
+    total = sum(i.nbytes for i in infos)
+    for rep in range(2):  # the same bytes in one allocation: is the cost per call or per byte?
+        fresh()
+        s = time.perf_counter()
+        one = torch.empty(total, dtype=torch.uint8, device=DEV)
+        sync()
+        row(f"alloc dit bytes at once rep {rep}", s=round(time.perf_counter() - s, 4), gb=round(total / 1e9, 2))
+        del one
+    for rep in range(2):  # per-tensor allocations carved from a segment reserved (and freed) just before
+        fresh()
+        s = time.perf_counter()
+        torch.empty(total, dtype=torch.uint8, device=DEV)  # freed at once: the allocator keeps the segment
+        keep = [torch.empty(i.shape, dtype=torch_dtype(i), device=DEV) for i in infos]
+        sync()
+        row(f"alloc dit tensors after reserving rep {rep}", s=round(time.perf_counter() - s, 4), n=len(keep))
         del keep
 
 
