@@ -53,6 +53,7 @@ W = H = 1024
 CAP_TOKENS = 128
 COMPILE = True  # --compile off turns it off (in the workers too)
 SMOKE = False  # --smoke: CPU, tiny files, 256x256 (in the workers too)
+INDUCTOR_OPTIONS: dict | None = None  # --inductor-options (ours* workers)
 DEVICE = "cuda"
 CPU_BUDGET = 64 * 1024 ** 3  # the memory plan's budget in a CPU smoke run
 FLOP_PER_FORWARD = 56.6e12  # 1024x1024, 128 caption tokens (zimage.md)
@@ -166,8 +167,9 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
     fwd_times: list[float] = []
     compiled = COMPILE and not streamed  # the sampler's compile=auto: resident DiT on CUDA
     backend = "eager" if SMOKE else "inductor"
+    options = INDUCTOR_OPTIONS if backend == "inductor" else None  # dynamo's eager backend takes no options
     if compiled:
-        dit_compile.enable(dit, backend=backend)
+        dit_compile.enable(dit, backend=backend, options=options)
     mad = latent_rel = None
     if fp8:  # the bf16 image of seed 1 first, then the same DiT converted in place (fp8_fast)
         from zimage_nodes.core import ops
@@ -181,7 +183,7 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
         torch._dynamo.reset()
         if compiled:
             dit_compile.disable(dit)
-            dit_compile.enable(dit, backend=backend)
+            dit_compile.enable(dit, backend=backend, options=options)
 
     def model_fn(x, s, c):
         return dit(x, s, c)
@@ -255,6 +257,7 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
             latent_rel = float((x0.float() - ref_x0.float()).norm() / ref_x0.float().norm())
     dit_s = statistics.median(r[0] for r in res)
     mode = (mplan.describe() + (", compiled" if compiled else "")
+            + (f" with {json.dumps(options)}" if compiled and options else "")
             + ((", CUDA graph" if not graph_errors else f", CUDA graph failed: {graph_errors[0]}") if use_graphs else "")
             + (", fp8 matmuls" if fp8 else "")
             + (f", attention {attention}" + (" fp8" if fp8 and fp8_attention else "") if attention != "sdpa" else ""))
@@ -570,12 +573,15 @@ def main() -> int:
     ap.add_argument("--alloc", choices=("native", "async"), default="native",
                     help="the workers' CUDA allocator: native (caching) or async (cudaMallocAsync, ComfyUI's default)")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny files, 256x256: checks the script, not speed")
+    ap.add_argument("--inductor-options", type=json.loads, default=None,
+                    help='ours*: inductor options (JSON) for the compiled blocks, e.g. {"triton.multi_kernel": 1}')
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--cap", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     root = Path(args.weights)
-    global COMPILE, SMOKE, DEVICE, W, H
+    global COMPILE, SMOKE, DEVICE, W, H, INDUCTOR_OPTIONS
     COMPILE = args.compile == "auto"
+    INDUCTOR_OPTIONS = args.inductor_options
     if args.smoke:
         SMOKE, DEVICE, W, H = True, "cpu", 256, 256
     if args.worker:
@@ -603,7 +609,9 @@ def main() -> int:
             t = time.time()
             out = subprocess.run([sys.executable, __file__, "--weights", str(root), "--worker", peer,
                                   "--cap", str(cap), "--runs", str(args.runs), "--compile", args.compile]
-                                 + (["--smoke"] if SMOKE else []), capture_output=True, text=True, env=env)
+                                 + (["--smoke"] if SMOKE else [])
+                                 + (["--inductor-options", json.dumps(INDUCTOR_OPTIONS)] if INDUCTOR_OPTIONS else []),
+                                 capture_output=True, text=True, env=env)
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             row = json.loads(line[7:]) if line else {"peer": peer, "cap": cap, "error": out.stderr[-300:]}
             rows.append(row)

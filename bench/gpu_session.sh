@@ -5,6 +5,7 @@
 #
 #     bash bench/gpu_session.sh card [seconds, default 570]
 #     bash bench/gpu_session.sh rest [seconds, default 570]
+#     bash bench/gpu_session.sh tune [seconds, default 570]
 #
 # Results go to $OUT (the device's output folder; /tmp/gpu_session elsewhere), one file per step, plus
 # session-<part>.log. A step starts only when its usual time is left, and is cut off at the budget's end.
@@ -13,6 +14,9 @@
 #       then batch 4), ours_graph_b4, ours_fp8, ours_fp8_graph, ComfyUI and diffusers on the whole card.
 # rest: the weights (unless still there), load_profile.py (where the warm load's time goes), ours_graph and
 #       ComfyUI under cudaMallocAsync (ComfyUI's default allocator), then the whole-forward graph lab.
+# tune: no files. graph_check.py with fp8 matmuls, then with inductor's multi_kernel (one-pass variants of the
+#       row reductions that quantize activations, picked at run time) and coordinate-descent tuning, in fp8
+#       and in bf16: the "other" kernels are about twice their memory-traffic floor (BENCHMARKS, sampler).
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT="${OUT:-/tmp/gpu_session}"
@@ -20,7 +24,8 @@ mkdir -p "$OUT"
 PART="${1:-card}"
 BUDGET="${2:-570}"
 WEIGHTS=/tmp/zw
-case "$PART" in card|rest) ;; *) echo "usage: bash bench/gpu_session.sh card|rest [seconds]" >&2; exit 2 ;; esac
+case "$PART" in card|rest|tune) ;; *) echo "usage: bash bench/gpu_session.sh card|rest|tune [seconds]" >&2; exit 2 ;; esac
+TUNED='{"triton.multi_kernel": 1, "coordinate_descent_tuning": true}'
 exec > >(tee -a "$OUT/session-$PART.log") 2>&1
 
 left() { echo $((BUDGET - SECONDS)); }
@@ -40,6 +45,13 @@ source scripts/device_env.sh || { echo "[session] device_env.sh failed (is .cach
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
+if [ "$PART" = tune ]; then
+  step graph_check_fp8 90 python3 bench/graph_check.py --fp8 --out "$OUT/graph_check_fp8.json"
+  step graph_check_fp8_tuned 180 python3 bench/graph_check.py --fp8 --options "$TUNED" --out "$OUT/graph_check_fp8_tuned.json"
+  step graph_check_tuned 150 python3 bench/graph_check.py --options "$TUNED" --out "$OUT/graph_check_tuned.json"
+  echo "[session] $PART done at ${SECONDS}s"
+  exit 0
+fi
 python3 -c "
 import sys; sys.path.insert(0, '.')
 from zimage_nodes.testing import weights

@@ -5,6 +5,11 @@ after a warm-up, CUDA events).
 
     python bench/graph_check.py [--out graph_check.json]
     python bench/graph_check.py --device cpu --scale tiny   # smoke run (tests): no graphs on the CPU, numbers mean nothing
+    python bench/graph_check.py --fp8 --options '{"triton.multi_kernel": 1, "coordinate_descent_tuning": true}'
+
+--fp8 converts the block linears to fp8 weights with fp8 matmuls first (the policy's fp8_fast); --options passes
+inductor options to the blocks' torch.compile (core/compile.enable), e.g. multi_kernel, which also generates
+one-pass (persistent) variants of the row reductions that quantize activations and picks the faster at run time.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from bench_pipeline import cuda_time as timed  # noqa: E402
 from check_sampler_gpu import FULL, random_dit  # noqa: E402
 from zimage_nodes.core.dit import DiTConfig  # noqa: E402
-from zimage_nodes.core import compile as dit_compile, sampling, schedule  # noqa: E402
+from zimage_nodes.core import compile as dit_compile, ops, sampling, schedule  # noqa: E402
 from zimage_nodes.core.graphs import StepGraphs  # noqa: E402
 
 
@@ -33,6 +38,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", help="cuda[:N], or cpu for a smoke run")
     ap.add_argument("--scale", choices=("full", "tiny"), default="full",
                     help="tiny: a 2+2+2-block DiT of width 256 at 256x256, compiled with the eager backend (smoke run)")
+    ap.add_argument("--fp8", action="store_true", help="fp8 weights and fp8 matmuls in the blocks (fp8_fast)")
+    ap.add_argument("--options", type=json.loads, default=None, help="inductor options (JSON) for the blocks")
     args = ap.parse_args()
     dev = torch.device(args.device)
     cfg = FULL if args.scale == "full" else DiTConfig(dim=256, n_layers=2, n_refiner_layers=2, n_heads=2,
@@ -43,9 +50,12 @@ def main() -> int:
     cap = (torch.randn(1, 128, cfg.cap_feat_dim, generator=g) * 3).to(dev, torch.bfloat16)
     sigmas = schedule.make_sigmas("turbo", 9)
     model = random_dit(cfg, str(dev), torch.bfloat16)
-    dit_compile.enable(model, backend="inductor" if args.scale == "full" else "eager")
+    if args.fp8:
+        ops.quantize_linears_fp8(model, fp8_matmul=True)
+    dit_compile.enable(model, backend="inductor" if args.scale == "full" else "eager", options=args.options)
     res: dict = {"gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none (cpu)",
-                 "torch": torch.__version__, "scale": args.scale}
+                 "torch": torch.__version__, "scale": args.scale, "fp8": args.fp8, "options": args.options,
+                 "allocator": torch.cuda.get_allocator_backend() if dev.type == "cuda" else "none"}
     with torch.inference_mode():
         plain_t, graph_t, errors = [], [], []
         plain = replayed = None
