@@ -120,6 +120,48 @@ def test_cuda_graph_of_a_small_dit_equals_its_forward() -> None:
     sg.close()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_recording_is_not_disturbed_by_a_thread_polling_device_memory() -> None:
+    """The VRAM monitor samples cudaMemGetInfo and the allocator's stats from its own thread while the
+    sampler runs; neither the recording nor the monitor may fail because of the other."""
+    import threading
+    from zimage_nodes.core.vram import MemoryProbe
+    probe = MemoryProbe(torch.device("cuda", 0), nvml=None)  # cudaMemGetInfo, not NVML
+    w = torch.randn(512, 512, device="cuda")
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                probe.snapshot()
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                errors.append(e)
+                return
+
+    def fn(x: torch.Tensor, sigma: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+        for _ in range(200):  # long enough for the poller to run during the recording
+            x = torch.tanh(x @ w) * sigma + cap.mean()
+        return x
+
+    x, s, c = torch.randn(64, 512, device="cuda"), torch.ones(1, device="cuda"), torch.ones(1, 4, device="cuda")
+    ref = fn(x, s, c)
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        with torch.inference_mode():
+            sg = graphs.StepGraphs(fn)
+            outs = [sg(x, s, c) for _ in range(4)]
+    finally:
+        stop.set()
+        poller.join()
+    assert not errors, errors
+    assert sg.error is None and sg.replays == 3
+    assert all(torch.equal(o, ref) for o in outs)
+    sg.close()
+
+
 def test_the_sampler_replays_graphs_only_when_opted_in_and_everything_allows(monkeypatch: pytest.MonkeyPatch) -> None:
     from zimage_nodes import runtime
     req = P.Request(1024, 1024)

@@ -48,7 +48,10 @@ class _Graph:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            self.graph.capture_begin()
+            # thread_local: only this thread is barred from unsafe CUDA calls while recording, so ComfyUI's
+            # other threads (the VRAM monitor's sampler polling cudaMemGetInfo) neither break the recording
+            # nor get an error themselves
+            self.graph.capture_begin(capture_error_mode="thread_local")
             try:
                 self.output = fn(*self.inputs)
             finally:
