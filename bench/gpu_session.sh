@@ -14,7 +14,8 @@
 #       then batch 4), ours_graph_b4, ours_fp8, ours_fp8_graph, ComfyUI and diffusers on the whole card.
 # rest: the weights (unless still there), load_profile.py (where the warm load's time goes), ours_graph and
 #       ComfyUI under cudaMallocAsync (ComfyUI's default allocator), then the whole-forward graph lab.
-# tune: no files. The gpu-marked graph tests (a recording beside a thread polling device memory), then
+# tune: no files. The gpu-marked graph and reader tests (a recording beside a thread polling device memory;
+#       the reader bit for bit on CUDA with its allocation thread), then
 #       graph_check.py with fp8 matmuls, then with inductor's multi_kernel (one-pass variants of the
 #       row reductions that quantize activations, picked at run time) and coordinate-descent tuning, in fp8
 #       and in bf16: the "other" kernels are about twice their memory-traffic floor (BENCHMARKS, sampler).
@@ -47,7 +48,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 if [ "$PART" = tune ]; then
-  step gpu_tests_graphs 60 python3 -m pytest -q tests/unit/test_graphs.py -m gpu
+  step gpu_tests 90 python3 -m pytest -q tests/unit/test_graphs.py tests/unit/test_fastread.py -m gpu
   step graph_check_fp8 90 python3 bench/graph_check.py --fp8 --out "$OUT/graph_check_fp8.json"
   step graph_check_fp8_tuned 180 python3 bench/graph_check.py --fp8 --options "$TUNED" --out "$OUT/graph_check_fp8_tuned.json"
   step graph_check_tuned 150 python3 bench/graph_check.py --options "$TUNED" --out "$OUT/graph_check_tuned.json"

@@ -249,6 +249,46 @@ def test_in_flight_bounded_while_the_consumer_is_slow(sample_file: Path, tmp_pat
     assert stats.peak_in_flight <= 3 * 8192
 
 
+def test_a_slow_allocation_does_not_hold_up_the_tensors_already_allocated(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After empty_cache every destination is a cudaMalloc. While one is slow, the workers go on copying into
+    the tensors allocated before it and the caller goes on receiving them (nothing waits on a lock held
+    across the allocation)."""
+    g = torch.Generator().manual_seed(11)
+    tensors = {f"w{i:02d}": torch.randn(3000, generator=g) for i in range(12)}  # 12 KB each: 3 pages
+    path = tmp_path / "slow.safetensors"
+    save_file(tensors, str(path))
+    gate, calls, real = threading.Event(), {"n": 0}, fastread._CpuOps.alloc
+
+    def alloc(self, nbytes):
+        calls["n"] += 1
+        if calls["n"] == 6:  # the sixth destination (file order) takes until the test lets it go
+            assert gate.wait(30), "the test never released the slow allocation"
+        return real(self, nbytes)
+    monkeypatch.setattr(fastread._CpuOps, "alloc", alloc)
+    got: list[str] = []
+    done = threading.Event()
+
+    def consume() -> None:
+        for name, _t in read_tensors(path, list(tensors), "cpu", lambda n, i: None, mode="pread", threads=4,
+                                     chunk_bytes=PAGE):
+            got.append(name)
+        done.set()
+    th = threading.Thread(target=consume, daemon=True)
+    th.start()
+    first_five = sorted(tensors)[:5]
+    for _ in range(200):
+        if set(first_five) <= set(got):
+            break
+        threading.Event().wait(0.05)
+    received_while_blocked = list(got)
+    gate.set()
+    th.join(30)
+    assert done.is_set() and not th.is_alive()
+    assert set(first_five) <= set(received_while_blocked), received_while_blocked
+    assert sorted(got) == sorted(tensors)
+
+
 # ================================================================ registration
 
 def test_registered_chunks_never_overlap_and_are_all_released(sample_file: Path) -> None:

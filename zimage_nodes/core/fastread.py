@@ -32,8 +32,13 @@ CUDA stream, and copy every piece into its tensor's destination bytes:
 
 Device memory. Destination tensors (raw bytes in the file's dtype) are allocated in file order on the
 caller's current stream (so its caching-allocator pool gets them back), and a worker's stream waits on
-that stream before writing into them. At most ``budget_bytes`` (1 GiB) of allocated tensors that have
-not been yielded yet exist at a time, plus one tensor larger than that. A tensor is yielded only after
+that stream before writing into them. One thread of the read allocates them, ahead of the workers, with no
+lock held while it allocates: after ``empty_cache`` (ComfyUI empties the cache when it unloads a model)
+every allocation is a ``cudaMalloc``, and the workers keep copying and the caller keeps receiving tensors
+meanwhile (on the H200 host the reader's first pass over the three files, its allocations included, took
+0.72 s against 0.45 s once the allocator had cached the memory; bench/results/h200_read_sweep.json). At
+most ``budget_bytes`` (1 GiB) of allocated tensors that have not been yielded yet exist at a time, plus one
+tensor larger than that. A tensor is yielded only after
 its copies have completed (host-synchronized); a conversion to another dtype then runs on the caller's
 current stream and the raw tensor is dropped. Host memory: no copy of the file; the pread path holds
 ``threads x 3 x 16 MiB`` pinned.
@@ -485,6 +490,7 @@ class _Reader:
         self._stop = False
         self._alive = 0
         self._workers: list[threading.Thread] = []
+        self._allocator: Optional[threading.Thread] = None
 
     # ---------------------------------------------------------------- life cycle (consumer thread)
     def start(self) -> None:
@@ -505,6 +511,8 @@ class _Reader:
                 self._refuse_registration(f"cannot memory-map the file: {e}")
         n = max(1, min(self.threads, len(self.chunks)))
         self.stats.threads = n
+        self._allocator = threading.Thread(target=self._allocate_main, name="zimage-fastread-alloc", daemon=True)
+        self._allocator.start()
         for i in range(n):
             worker = threading.Thread(target=self._worker_main, args=(i < self.register_workers,),
                                       name=f"zimage-fastread-{i}", daemon=True)
@@ -549,6 +557,9 @@ class _Reader:
         for worker in self._workers:
             worker.join()
         self._workers.clear()
+        if self._allocator is not None:
+            self._allocator.join()
+            self._allocator = None
         with self._cv:
             self._raw = [None] * len(self._raw)
             self._done.clear()
@@ -573,29 +584,47 @@ class _Reader:
             return self._next_chunk - 1
 
     def allocate_through(self, index: int, block: bool) -> object:
-        """Allocate every tensor up to ``index`` (in file order, under the budget); returns the fence to
-        wait for before writing them, or ``_BLOCKED`` when ``block`` is False and the budget is full."""
+        """Wait until every tensor up to ``index`` (file order) is allocated; returns the fence to wait for
+        before writing them, or ``_BLOCKED`` when ``block`` is False and tensor ``index`` is not allocated
+        yet (the allocation thread is waiting for the budget, or still allocating)."""
         with self._cv:
-            made = False
-            try:
-                while self._next_alloc <= index:
-                    if self._stop:
-                        raise _Stopped
-                    n = self.items[self._next_alloc].nbytes
-                    if self._in_flight and self._in_flight + n > self.budget:
-                        if not block:
-                            return _BLOCKED
-                        self._cv.wait()
-                        continue
-                    self._raw[self._next_alloc] = self.ops.alloc(n)
-                    self._in_flight += n
-                    self._next_alloc += 1
-                    made = True
-                    self.stats.peak_in_flight = max(self.stats.peak_in_flight, self._in_flight)
-            finally:
-                if made:
-                    self._fence = self.ops.fence()
+            while self._next_alloc <= index:
+                if self._stop:
+                    raise _Stopped
+                if not block:
+                    return _BLOCKED
+                self._cv.wait()
             return self._fence
+
+    def _allocate_main(self) -> None:
+        """The allocation thread: every destination in file order, under the budget. The budget is taken
+        under the lock, the allocation and its fence are made outside it, then published together (a
+        tensor counts as allocated only once the fence after its allocation exists)."""
+        try:
+            for k, item in enumerate(self.items):
+                n = item.nbytes
+                with self._cv:
+                    while not self._stop and self._in_flight and self._in_flight + n > self.budget:
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                    self._in_flight += n
+                    self.stats.peak_in_flight = max(self.stats.peak_in_flight, self._in_flight)
+                raw = self.ops.alloc(n)
+                fence = self.ops.fence()
+                with self._cv:
+                    self._raw[k] = raw
+                    self._fence = fence
+                    self._next_alloc = k + 1
+                    self._cv.notify_all()
+                del raw
+        except BaseException as e:  # handed to the consumer (a CUDA out-of-memory error as itself)
+            traceback.clear_frames(e.__traceback__)
+            with self._cv:
+                if self._error is None:
+                    self._error = e
+                self._stop = True
+                self._cv.notify_all()
 
     def destination(self, index: int) -> torch.Tensor:
         raw = self._raw[index]
