@@ -38,14 +38,13 @@ every allocation is a ``cudaMalloc``, and the workers keep copying and the calle
 meanwhile (on the H200 host the reader's first pass over the three files, its allocations included, took
 0.72 s against 0.45 s once the allocator had cached the memory; bench/results/h200_read_sweep.json). At
 most ``budget_bytes`` (1 GiB) of allocated tensors that have not been yielded yet exist at a time, plus one
-tensor larger than that. A tensor is yielded only after
-its copies have completed (host-synchronized); a conversion to another dtype then runs on the caller's
-current stream and the raw tensor is dropped. Host memory: no copy of the file; the pread path holds
-``threads x 3 x 16 MiB`` pinned.
+tensor larger than that. A tensor is yielded only after its copies have completed (host-synchronized); a
+conversion to another dtype then runs on the caller's current stream and the raw tensor is dropped. Host
+memory: no copy of the file; the pread path holds ``threads x 3 x 16 MiB`` pinned.
 
 Cleanup. Closing the generator (or an error, or the caller stopping between tensors) stops the
-workers, waits for their copies, unregisters every chunk, joins the threads and closes the file and
-the mapping before ``close()`` returns.
+workers and the allocation thread, waits for their copies, unregisters every chunk, joins the threads and
+closes the file and the mapping before ``close()`` returns.
 
 Environment knobs (read at each call):
 
