@@ -93,6 +93,20 @@ def raw(files) -> None:
             **{f"{k}_gbps": round(nbytes[k] / best[k] / 1e9, 1) for k in best})
     for k in ("ZIMAGE_FASTREAD", "ZIMAGE_LOAD_THREADS", "ZIMAGE_LOAD_REGISTER_WORKERS"):
         os.environ.pop(k, None)
+    # the same reads with the allocator's cache kept between them (as bench/read_sweep.py measured 45.6 GB/s):
+    # the difference from the pread rows above is what allocating after empty_cache costs
+    per = {}
+    fresh()
+    for _ in range(3):
+        for kind, f in files.items():
+            t = time.perf_counter()
+            keep = [x for _, x in read_tensors(f, list(read_header(f).tensors), DEV, lambda n, i: None)]
+            sync()
+            per.setdefault(kind, []).append(time.perf_counter() - t)
+            del keep
+    best = {k: min(v) for k, v in per.items()}
+    row("raw read pread default threads, allocator cache kept", **{f"{k}_s": round(v, 4) for k, v in best.items()},
+        sum_s=round(sum(best.values()), 4))
 
 
 def stages(plan, dev) -> None:

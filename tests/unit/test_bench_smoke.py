@@ -24,7 +24,8 @@ def test_load_profile_runs_every_step(tmp_path: Path) -> None:
     rows = json.loads(out_file.read_text())
     names = [r["name"] for r in rows]
     assert "error" not in names, [r for r in rows if r["name"] == "error"]
-    for expected in ("raw read pread 12 threads (0 registering)", "stages rep 1", "cprofile dit+te by tottime",
+    for expected in ("raw read pread 12 threads (0 registering)", "raw read pread default threads, allocator cache kept",
+                     "stages rep 1", "cprofile dit+te by tottime",
                      "alloc dit bytes at once rep 1", "alloc dit tensors after reserving rep 1",
                      "cprofile vae by tottime", "concurrent rep 1", "alloc dit tensors rep 1"):
         assert expected in names, names
