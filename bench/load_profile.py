@@ -67,27 +67,35 @@ def warm_cache(files) -> None:
                 pass
 
 
-def raw(files) -> None:
+def _best_reads(files, reps: int, empty_cache: bool) -> dict[str, float]:
+    """Best seconds per file of ``read_tensors`` of the whole file in its own dtype, ``reps`` rounds;
+    ``empty_cache``: the allocator's cache is emptied before each read (else it is kept between them)."""
     from zimage_nodes.core.fastread import read_tensors
     from zimage_nodes.core.st_io import read_header
+    per: dict[str, list[float]] = {}
+    fresh()
+    for _ in range(reps):
+        for kind, f in files.items():
+            if empty_cache:
+                fresh()
+            t = time.perf_counter()
+            keep = [x for _, x in read_tensors(f, list(read_header(f).tensors), DEV, lambda n, i: None)]
+            sync()
+            per.setdefault(kind, []).append(time.perf_counter() - t)
+            del keep
+    return {k: min(v) for k, v in per.items()}
+
+
+def raw(files) -> None:
     settings = [("pread", 8, 0), ("pread", 12, 0), ("pread", 16, 0), ("hybrid", 12, 1), ("hybrid", 13, 1),
                 ("hybrid", 14, 2)]
     if DEV.type != "cuda":
         settings = [s for s in settings if s[0] == "pread"]
+    nbytes = {k: f.stat().st_size for k, f in files.items()}
     for mode, threads, reg in settings:
         os.environ.update(ZIMAGE_FASTREAD=mode, ZIMAGE_LOAD_THREADS=str(threads),
                           ZIMAGE_LOAD_REGISTER_WORKERS=str(max(1, reg)))
-        per: dict[str, list[float]] = {}
-        for _ in range(2):
-            for kind, f in files.items():
-                fresh()
-                t = time.perf_counter()
-                keep = [x for _, x in read_tensors(f, list(read_header(f).tensors), DEV, lambda n, i: None)]
-                sync()
-                per.setdefault(kind, []).append(time.perf_counter() - t)
-                del keep
-        best = {k: min(v) for k, v in per.items()}
-        nbytes = {k: f.stat().st_size for k, f in files.items()}
+        best = _best_reads(files, 2, empty_cache=True)
         row(f"raw read {mode} {threads} threads ({reg} registering)", **{f"{k}_s": round(v, 4) for k, v in best.items()},
             sum_s=round(sum(best.values()), 4),
             **{f"{k}_gbps": round(nbytes[k] / best[k] / 1e9, 1) for k in best})
@@ -95,16 +103,7 @@ def raw(files) -> None:
         os.environ.pop(k, None)
     # the same reads with the allocator's cache kept between them (as bench/read_sweep.py measured 45.6 GB/s):
     # the difference from the pread rows above is what allocating after empty_cache costs
-    per = {}
-    fresh()
-    for _ in range(3):
-        for kind, f in files.items():
-            t = time.perf_counter()
-            keep = [x for _, x in read_tensors(f, list(read_header(f).tensors), DEV, lambda n, i: None)]
-            sync()
-            per.setdefault(kind, []).append(time.perf_counter() - t)
-            del keep
-    best = {k: min(v) for k, v in per.items()}
+    best = _best_reads(files, 3, empty_cache=False)
     row("raw read pread default threads, allocator cache kept", **{f"{k}_s": round(v, 4) for k, v in best.items()},
         sum_s=round(sum(best.values()), 4))
 
