@@ -43,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,19 +192,21 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
     use_graphs = graphs and compiled and P.graph_headroom(mplan, req)  # compile=auto with ZIMAGE_CUDA_GRAPHS=1
     graph_errors: list[str] = []
 
-    def one(seed):
+    def one(seed, batch=1, graphed=use_graphs, vplan=mplan):
+        """(DiT s, VAE s, finite) for ``batch`` images of ``seed``; ``graphed``: through StepGraphs, one per
+        run as the sampler does; ``vplan``: the memory plan whose VAE tiling the decode follows."""
         g = torch.Generator().manual_seed(seed)
-        noise = torch.randn(1, 16, H // 8, W // 8, generator=g).to(dev)
-        fn = StepGraphs(model_fn) if use_graphs else model_fn  # one per image, as the sampler does
+        noise = torch.randn(batch, 16, H // 8, W // 8, generator=g).to(dev)
+        fn = StepGraphs(model_fn) if graphed else model_fn
         with torch.inference_mode():
             x0, t_dit = cuda_time(lambda: sampling.sample(fn, noise, sigmas, cap_feats))
-            if use_graphs:
+            if graphed:
                 fn.close()
                 if fn.error:
                     graph_errors.append(fn.error)
             raw = vae_mod.model_to_raw(x0)
-            if mplan.vae_tiled:
-                img, t_vae = cuda_time(lambda: vae.decode_tiled(raw, mplan.vae_tile, 64))
+            if vplan.vae_tiled:
+                img, t_vae = cuda_time(lambda: vae.decode_tiled(raw, vplan.vae_tile, 64))
             else:
                 img, t_vae = cuda_time(lambda: vae.decode(raw))
         return t_dit, t_vae, bool(torch.isfinite(x0).all())
@@ -225,21 +228,10 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
     b4: dict = {}
     if batch4:  # the sampler issue: batch 4 throughput >= 1.1 x batch 1 (same process, same compiled blocks)
         req4 = P.Request(W, H, batch=4, caption_tokens=CAP_TOKENS)
-        graphs4 = use_graphs and P.graph_headroom(P.plan(P.Policy(), sizes, req4, budget), req4)
-
-        def four(seed):
-            g = torch.Generator().manual_seed(seed)
-            noise = torch.randn(4, 16, H // 8, W // 8, generator=g).to(dev)
-            fn = StepGraphs(model_fn) if graphs4 else model_fn
-            with torch.inference_mode():
-                x0, t_dit = cuda_time(lambda: sampling.sample(fn, noise, sigmas, cap_feats))
-                if graphs4:
-                    fn.close()
-                _img, t_vae = cuda_time(lambda: vae.decode(vae_mod.model_to_raw(x0)))
-            return t_dit, t_vae
-
-        four(100)  # warm-up: the blocks compile for batch 4 (the batch dimension is static)
-        r4 = [four(101 + i) for i in range(runs)]
+        plan4 = P.plan(P.Policy(), sizes, req4, budget)
+        graphs4 = use_graphs and P.graph_headroom(plan4, req4)
+        one(100, 4, graphs4, plan4)  # warm-up: the blocks compile for batch 4 (the batch dimension is static)
+        r4 = [one(101 + i, 4, graphs4, plan4) for i in range(runs)]
         dit4, vae4 = statistics.median(r[0] for r in r4), statistics.median(r[1] for r in r4)
         dit1, vae1 = statistics.median(r[0] for r in res), statistics.median(r[1] for r in res)
         b4 = {"batch4_dit_s": dit4, "batch4_vae_s": vae4, "batch4_graphs": graphs4,
@@ -477,39 +469,12 @@ def ceilings() -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda}
 
 
-def worker_ours_fp8(root: Path, cap: float, runs: int) -> dict:
-    return worker_ours(root, cap, runs, fp8=True)
-
-
-def worker_ours_graph(root: Path, cap: float, runs: int) -> dict:
-    return worker_ours(root, cap, runs, graphs=True)
-
-
-def worker_ours_fp8_graph(root: Path, cap: float, runs: int) -> dict:
-    return worker_ours(root, cap, runs, fp8=True, graphs=True)
-
-
-def worker_ours_b4(root: Path, cap: float, runs: int) -> dict:
-    return worker_ours(root, cap, runs, batch4=True)
-
-
-def worker_ours_graph_b4(root: Path, cap: float, runs: int) -> dict:
-    return worker_ours(root, cap, runs, graphs=True, batch4=True)
-
-
-def worker_ours_fa3(root: Path, cap: float, runs: int) -> dict:
-    return worker_ours(root, cap, runs, attention="fa3")
-
-
-def worker_ours_fp8_fa3(root: Path, cap: float, runs: int) -> dict:
-    return worker_ours(root, cap, runs, fp8=True, attention="fa3")
-
-
-WORKERS = {"ours": worker_ours, "ours_fp8": worker_ours_fp8, "ours_fa3": worker_ours_fa3, "ours_b4": worker_ours_b4,
-           "ours_graph_b4": worker_ours_graph_b4,
-           "ours_graph": worker_ours_graph, "ours_fp8_graph": worker_ours_fp8_graph,
-           "ours_fp8_fa3": worker_ours_fp8_fa3, "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib,
-           "modes": worker_modes}
+WORKERS = {"ours": worker_ours, "ours_fp8": partial(worker_ours, fp8=True),
+           "ours_fa3": partial(worker_ours, attention="fa3"),
+           "ours_fp8_fa3": partial(worker_ours, fp8=True, attention="fa3"),
+           "ours_graph": partial(worker_ours, graphs=True), "ours_fp8_graph": partial(worker_ours, fp8=True, graphs=True),
+           "ours_b4": partial(worker_ours, batch4=True), "ours_graph_b4": partial(worker_ours, graphs=True, batch4=True),
+           "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib, "modes": worker_modes}
 
 
 # ---------------------------------------------------------------- driver
