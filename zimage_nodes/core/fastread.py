@@ -582,7 +582,7 @@ class _Reader:
             self._next_chunk += 1
             return self._next_chunk - 1
 
-    def allocate_through(self, index: int, block: bool) -> object:
+    def allocated_through(self, index: int, block: bool) -> object:
         """Wait until every tensor up to ``index`` (file order) is allocated; returns the fence to wait for
         before writing them, or ``_BLOCKED`` when ``block`` is False and tensor ``index`` is not allocated
         yet (the allocation thread is waiting for the budget, or still allocating)."""
@@ -712,8 +712,9 @@ class _Worker:
     """One thread's loop: take a chunk, get its bytes (registered mapping, else pread into a staging
     buffer), queue the copies on the lane, publish pieces once their copies completed.
 
-    Progress rule: a worker publishes every copy it queued (``drain(0)``) before it waits for the
-    budget; allocation is in file order, so the oldest unallocated tensor always becomes allocatable."""
+    Progress rule: a worker publishes every copy it queued (``drain(0)``) before it waits for a
+    destination to be allocated; the allocation thread allocates in file order under the budget, so the
+    oldest unallocated tensor always becomes allocatable."""
 
     def __init__(self, reader: _Reader, lane: _Lane, may_map: bool = True) -> None:
         self.r, self.lane, self.may_map = reader, lane, may_map
@@ -786,12 +787,12 @@ class _Worker:
         parts: list[tuple[int, int]] = []
         try:
             for p in pieces:
-                fence = self.r.allocate_through(p.tensor, block=False)
+                fence = self.r.allocated_through(p.tensor, block=False)
                 if fence is _BLOCKED:
                     self._enqueue(pairs, parts, None)
                     pairs, parts = [], []
                     self.drain(0)
-                    fence = self.r.allocate_through(p.tensor, block=True)
+                    fence = self.r.allocated_through(p.tensor, block=True)
                 if fence is not None and fence is not self.fence_seen:
                     self.lane.wait(fence)
                     self.fence_seen = fence
