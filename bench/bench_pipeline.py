@@ -472,6 +472,7 @@ def ceilings() -> dict:
 WORKERS = {"ours": worker_ours, "ours_fp8": partial(worker_ours, fp8=True),
            "ours_fa3": partial(worker_ours, attention="fa3"),
            "ours_fp8_fa3": partial(worker_ours, fp8=True, attention="fa3"),
+           "ours_fp8_fa3_graph": partial(worker_ours, fp8=True, attention="fa3", graphs=True),
            "ours_graph": partial(worker_ours, graphs=True), "ours_fp8_graph": partial(worker_ours, fp8=True, graphs=True),
            "ours_b4": partial(worker_ours, batch4=True), "ours_graph_b4": partial(worker_ours, graphs=True, batch4=True),
            "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib, "modes": worker_modes}

@@ -11,13 +11,16 @@
 # session-<part>.log. A step starts only when its usual time is left, and is cut off at the budget's end.
 # card: full-size weights written in the background (~80 s) while bench/graph_check.py (~60 s, no files)
 #       compares the CUDA-graph loop with the plain compiled loop; then bench_pipeline.py with ours_b4 (batch 1,
-#       then batch 4), ours_graph_b4, ComfyUI, diffusers, ours_fp8_graph and ours_fp8 on the whole card (in
-#       that order: a run cut off at the time limit keeps the rows measured so far, in card.json).
+#       then batch 4), ours_graph_b4, ComfyUI, diffusers, ours_fp8_graph, ours_fp8_fa3_graph (fp8 matmuls, FA3's
+#       fp8 attention with static q/k scales, CUDA graphs: the candidate for the 56 ms fp8 target) and ours_fp8
+#       on the whole card (in that order: a run cut off at the time limit keeps the rows measured so far, in
+#       card.json). FA3 comes from .cache/gpurun/extra (fa3-fwd); without it that row runs SDPA and says so.
 # rest: the weights (unless still there), load_profile.py (where the warm load's time goes), ours_graph and
 #       ComfyUI under cudaMallocAsync (ComfyUI's default allocator), then the whole-forward graph lab.
-# tune: no files. The gpu-marked graph and reader tests (a recording beside a thread polling device memory;
-#       the reader bit for bit on CUDA with its allocation thread), then
-#       graph_check.py with fp8 matmuls, then with inductor's multi_kernel (one-pass variants of the
+# tune: no files. The gpu-marked graph, reader and fp8-attention tests (a recording beside a thread polling
+#       device memory; the reader bit for bit on CUDA with its allocation thread; FA3's fp8 forward within fp8
+#       rounding, compiled in one graph), then graph_check.py with fp8 matmuls, the same with FA3's fp8
+#       attention, then with inductor's multi_kernel (one-pass variants of the
 #       row reductions that quantize activations, picked at run time) and coordinate-descent tuning, in fp8
 #       and in bf16: the "other" kernels are about twice their memory-traffic floor (BENCHMARKS, sampler).
 set -u
@@ -49,8 +52,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
 if [ "$PART" = tune ]; then
-  step gpu_tests 90 python3 -m pytest -q tests/unit/test_graphs.py tests/unit/test_fastread.py -m gpu
+  step gpu_tests 120 python3 -m pytest -q tests/unit/test_graphs.py tests/unit/test_fastread.py \
+    tests/gpu/test_attention_gpu.py -m gpu
   step graph_check_fp8 90 python3 bench/graph_check.py --fp8 --out "$OUT/graph_check_fp8.json"
+  step graph_check_fp8_attn 120 python3 bench/graph_check.py --fp8 --attention fa3 --fp8-attention \
+    --out "$OUT/graph_check_fp8_attn.json"
   step graph_check_fp8_tuned 180 python3 bench/graph_check.py --fp8 --options "$TUNED" --out "$OUT/graph_check_fp8_tuned.json"
   step graph_check_tuned 150 python3 bench/graph_check.py --options "$TUNED" --out "$OUT/graph_check_tuned.json"
   echo "[session] $PART done at ${SECONDS}s"
@@ -67,7 +73,7 @@ if [ "$PART" = card ]; then
   wait $GEN
   echo "[session] weights ready at ${SECONDS}s (rc=$?)"
   step bench_pipeline 300 python3 bench/bench_pipeline.py --weights "$WEIGHTS" --runs 2 --caps 0 \
-    --peers ours_b4,ours_graph_b4,comfy,diffusers,ours_fp8_graph,ours_fp8 --out "$OUT/card.md"
+    --peers ours_b4,ours_graph_b4,comfy,diffusers,ours_fp8_graph,ours_fp8_fa3_graph,ours_fp8 --out "$OUT/card.md"
 else
   wait $GEN
   echo "[session] weights ready at ${SECONDS}s (rc=$?)"

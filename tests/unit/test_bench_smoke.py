@@ -36,8 +36,11 @@ def test_load_profile_runs_every_step(tmp_path: Path) -> None:
 
 def test_graph_check_replays_equal_plain(tmp_path: Path) -> None:
     out_file = tmp_path / "graph.json"
-    _run(["bench/graph_check.py", "--device", "cpu", "--scale", "tiny", "--out", str(out_file)])
+    _run(["bench/graph_check.py", "--device", "cpu", "--scale", "tiny", "--attention", "fa3", "--fp8-attention",
+          "--out", str(out_file)])
     res = json.loads(out_file.read_text())
+    # FA3 is CUDA-only: the blocks fall back to SDPA, say so, and fp8 attention stays off
+    assert res["attention_note"] and "using PyTorch SDPA" in res["attention_note"] and res["fp8_attention"] is False
     assert res["max_abs_diff"] == 0.0
     assert res["errors"] == [None] * 4
     assert res["replays"] == 0  # no CUDA: StepGraphs passes every call through

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from zimage_nodes.core import attention as attn
-from zimage_nodes.core.dit import DiTConfig, ZImageDiT, dit_config_from_shapes
+from zimage_nodes.core.dit import (Attention, DiTConfig, RMSNorm, ZImageDiT, apply_rope, dit_config_from_shapes,
+                                   rope_fp8_scale)
 from zimage_nodes.core.errors import CheckpointError, InputError
 
 TINY = DiTConfig(dim=256, n_layers=2, n_refiner_layers=2, n_heads=2, ffn_hidden=768, cap_feat_dim=64,
@@ -203,38 +204,100 @@ def test_attention_backend_fallback(monkeypatch):
         attn.forget_backends()
     q, k, v = torch.randn(3, 1, 2, 40, 128).unbind(0)
     assert torch.equal(attn.attention(q, k, v, "flash"), attn.attention(q, k, v))  # CPU fp32 runs as SDPA
-    assert torch.equal(attn.attention(q, k, v, "fa3", fp8=True), attn.attention(q, k, v))  # fp8 needs FA3 on CUDA
+    assert not attn.fp8_attention_applies(q.bfloat16(), "fa3")  # fp8 needs FA3 on CUDA
 
 
-def test_fa3_fp8_quantizes_per_head_and_passes_descales(monkeypatch):
-    """The glue around FA3's fp8 forward (the kernel itself needs a Hopper GPU: bench/dit_speed_lab.py checks
-    it there): q/k/v are quantized to e4m3 with one scale per (batch, head), so every head uses fp8's whole
-    range, and the descales passed are the ones that undo it. A stand-in with FA3's signature dequantizes
-    with those descales and runs SDPA: the result must match attention in fp32 up to fp8 rounding."""
-    seen = {}
+def _rope_freqs(h: int = 4, w: int = 6, cap_len: int = 32) -> torch.Tensor:
+    return ZImageDiT(TINY, device="cpu")._rope(cap_len, h, w, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_fp8_scale_bounds_every_input_and_is_tight(dtype):
+    """q and k take a static e4m3 scale from their RMSNorm weight (no amax over the sequence): no input can
+    push RoPE(norm(x)) past 448 scales, and a vector with one non-zero entry at the weight's largest
+    magnitude reaches the bound, so it is no looser than it must be."""
+    D = TINY.head_dim
+    norm = RMSNorm(D, eps=None, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(D, generator=g) * 0.5)
+        norm.weight[17] = -6.0  # an outlier channel, negative
+    freqs = _rope_freqs()
+    L, H = freqs.shape[0], 3
+    x = torch.randn(2, L, H, D, generator=g) * torch.logspace(-4, 4, L)[None, :, None, None]  # all magnitudes
+    x[1, :, 0] = 0.0
+    x[1, :, 0, 17] = torch.linspace(-1e3, 1e3, L)  # one entry, at the outlier: the bound itself
+    x[1, :, 1] = 5.0  # constant vectors
+    x[1, :, 2, :2] = 0.0  # tiny eps-dominated vectors
+    x = x.to(dtype)
+    with torch.no_grad():
+        s = rope_fp8_scale(norm)
+        y = apply_rope(norm(x), freqs, torch.float32)
+    assert s.dtype == torch.float32 and s.dim() == 0
+    bound = 448 * s.item()
+    assert math.isclose(bound, 6.0 * math.sqrt(D), rel_tol=1e-6)
+    over = y.abs().max().item() / bound
+    assert over <= 1 + 2 ** -7, over  # only the norm's own rounding (bf16) may graze it
+    assert y[1, :, 0].abs().amax().item() / bound > 0.99  # tight: the one-entry vectors reach it
+
+
+@pytest.fixture
+def fa3_stand_in(monkeypatch):
+    """FA3 on the CPU: a stand-in with its fp8 signature that dequantizes with the descales it is given and
+    runs SDPA in fp32 (the kernel itself needs a Hopper GPU: tests/gpu/test_attention_gpu.py). Records
+    what it received."""
+    seen: list[dict] = []
 
     class StandIn:
         @staticmethod
         def flash_attn_func(q, k, v, q_descale=None, k_descale=None, v_descale=None):  # [B, L, H, D]
-            seen.update(dtypes={q.dtype, k.dtype, v.dtype}, shape=tuple(q_descale.shape))
+            seen.append({"dtypes": {q.dtype, k.dtype, v.dtype}, "descales": (q_descale, k_descale, v_descale),
+                         "q8": q, "k8": k, "v8": v})
             deq = [t.float() * s[:, None, :, None] for t, s in ((q, q_descale), (k, k_descale), (v, v_descale))]
             out = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in deq)).transpose(1, 2)
             return out.to(torch.bfloat16), None
 
+    attn.forget_backends()
     monkeypatch.setattr(attn, "_module", lambda backend: StandIn)
-    g = torch.Generator().manual_seed(0)
-    spread = torch.tensor([0.01, 1.0, 100.0])[:, None, None]  # heads of very different magnitude
-    q, k, v = (torch.randn(2, 3, 64, 32, generator=g) for _ in range(3))
-    q, k, v = q.bfloat16(), k.bfloat16(), (v * spread).bfloat16()
-    out = attn._fa3_fp8(q, k, v)
-    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
-    assert seen == {"dtypes": {attn.E4M3}, "shape": (2, 3)} and out.dtype == torch.bfloat16
-    for h in range(3):  # e4m3 keeps 3 mantissa bits (measured 2-7% per head)
-        assert rel_err(out[:, h].float(), ref[:, h]) < 0.1, h
-    v8, scale = attn._quantize_heads(v.transpose(1, 2))
-    assert scale.shape == (2, 3)
-    assert torch.equal(v8.float().abs().amax(dim=(1, 3)), torch.full((2, 3), attn.E4M3_MAX))  # each head full range
-    assert rel_err(v8.float() * scale[:, None, :, None], v.transpose(1, 2).float()) < 0.04
+    monkeypatch.setattr(attn, "FP8_ATTENTION_DEVICES", frozenset({"cuda", "cpu"}))
+    yield seen
+    attn.forget_backends()
+
+
+@torch.inference_mode()
+def test_fp8_attention_quantizes_q_k_statically_v_per_head_and_matches_bf16(fa3_stand_in):
+    """The DiT attention's fp8 path (static q/k scales from the norms, per-head v scales, FA3's fp8 forward)
+    against the same module's bf16 path, both against fp32: within e4m3 rounding. Heads of very different
+    magnitude each keep fp8's relative precision."""
+    g = torch.Generator().manual_seed(5)
+    cfg = replace(TINY, n_heads=4, axes_dims=(16, 24, 24))  # head_dim 64
+    mod = Attention(cfg)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.05 if p.dim() == 2 else 1.0))
+        mod.qkv.weight[2 * cfg.dim:].mul_(torch.tensor([0.01, 1.0, 30.0, 1.0]).repeat_interleave(cfg.head_dim)[:, None])
+    freqs = ZImageDiT(cfg, device="cpu")._rope(32, 4, 6, torch.device("cpu"))
+    x = torch.randn(2, freqs.shape[0], cfg.dim, generator=g)
+    ref = mod.float()(x, freqs)
+    mod = mod.bfloat16()
+    mod.backend = "fa3"
+    assert attn.fp8_attention_applies(x.bfloat16().view(2, -1, 4, 64), "fa3")
+    bf16 = mod(x.bfloat16(), freqs)
+    assert not fa3_stand_in  # fp8 off: the bf16 path (fa3 falls back to SDPA on the CPU)
+    mod.fp8 = True
+    out = mod(x.bfloat16(), freqs)
+    (call,) = fa3_stand_in
+    assert call["dtypes"] == {attn.E4M3} and out.dtype == torch.bfloat16
+    sq, sk, sv = call["descales"]
+    assert sq.shape == sk.shape == sv.shape == (2, 4)
+    assert torch.equal(sq, rope_fp8_scale(mod.q_norm).expand(2, 4)) and torch.equal(sk, rope_fp8_scale(mod.k_norm).expand(2, 4))
+    assert torch.equal(call["v8"].float().abs().amax(dim=(1, 3)), torch.full((2, 4), attn.E4M3_MAX))  # v: full range
+    assert call["q8"].float().abs().max() <= attn.E4M3_MAX
+    err_bf16, err_fp8 = rel_err(bf16, ref), rel_err(out, ref)
+    assert err_fp8 < 0.08, (err_fp8, err_bf16)  # e4m3 keeps 3 mantissa bits
+    assert err_fp8 > err_bf16  # it did run in fp8
+    mod(x.bfloat16(), freqs, mask=torch.ones(1, 1, 1, freqs.shape[0], dtype=torch.bool))
+    assert len(fa3_stand_in) == 1  # a mask always runs as SDPA, in bf16
 
 
 @torch.inference_mode()

@@ -3,9 +3,10 @@ xformers, SageAttention and FlashAttention-3 (``fa3``: the official Hopper build
 or the forward-only ``fa3-fwd`` wheel's ``fa3_fwd_interface``). Optional packages are imported on first
 use, never at module import.
 
-fp8 attention (``attention(..., fp8=True)``, backend ``fa3`` on CUDA): q, k and v are quantized to e4m3 with
-one scale per (batch, head), ``amax / 448``, and FA3's fp8 forward applies the descales (its output is bf16).
-Anything else ignores ``fp8`` and runs the backend in q's dtype."""
+fp8 attention (``fa3_fp8``, backend ``fa3`` on CUDA: ``fp8_attention_applies``) takes q, k and v already in
+e4m3 with fp32 descales per (batch, head); FA3's fp8 forward applies them (its output is bf16). The caller
+quantizes (``quantize_e4m3``): the DiT gives q and k static scales from their RMSNorm weights, fused into its
+RoPE, and v dynamic ones (``head_scales``); see core/dit.py's ``Attention``."""
 from __future__ import annotations
 
 import importlib
@@ -102,39 +103,51 @@ def resolve_backend(requested: str) -> tuple[str, str | None]:
     return requested, None
 
 
-def _quantize_heads(t: Tensor) -> tuple[Tensor, Tensor]:
-    """t [B, L, heads, head_dim] -> (e4m3 tensor, fp32 scales [B, heads]) with scale = amax / 448 per
-    (batch, head); no host sync."""
-    scale = (t.abs().amax(dim=(1, 3)).float() / E4M3_MAX).clamp_min(1e-12)
-    return (t.float() / scale[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+# devices on which fp8 attention runs (FA3 is CUDA-only); tests add "cpu" to run the glue with a stand-in
+FP8_ATTENTION_DEVICES = frozenset({"cuda"})
 
 
-def _fa3_fp8(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """FA3's fp8 forward on [B, heads, L, head_dim] q/k/v (bf16/fp16), result in q's dtype."""
-    mod = _module("fa3")
-    (q8, sq), (k8, sk), (v8, sv) = (_quantize_heads(t.transpose(1, 2)) for t in (q, k, v))
-    out = _first(mod.flash_attn_func(q8, k8, v8, q_descale=sq, k_descale=sk, v_descale=sv))
-    return out.transpose(1, 2).to(q.dtype)
+def head_scales(t: Tensor) -> Tensor:
+    """fp32 scales [B, heads] for t [B, L, heads, head_dim]: ``amax / 448`` per (batch, head), at least 1e-12,
+    so each head uses e4m3's whole range; computed on the device (no host sync)."""
+    return (t.abs().amax(dim=(1, 3)).float() / E4M3_MAX).clamp_min(1e-12)
+
+
+def quantize_e4m3(t: Tensor, scale: Tensor) -> Tensor:
+    """``t / scale`` in e4m3, clamped to its range (+-448); ``scale`` fp32, broadcastable to t. One pointwise
+    pass, which torch.compile fuses into the op that produced t."""
+    return (t.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def fa3_fp8(q8: Tensor, k8: Tensor, v8: Tensor, q_descale: Tensor, k_descale: Tensor, v_descale: Tensor) -> Tensor:
+    """FA3's fp8 forward: q8/k8/v8 e4m3 [B, L, heads, head_dim], descales fp32 [B, heads] (what multiplies
+    each head back to its values); returns bf16 [B, L, heads, head_dim]."""
+    return _first(_module("fa3").flash_attn_func(q8, k8, v8, q_descale=q_descale, k_descale=k_descale,
+                                                 v_descale=v_descale))
 
 
 def fp8_attention_available(backend: str) -> bool:
-    """Whether ``attention(..., backend, fp8=True)`` runs in fp8 (FA3 installed) on a CUDA device."""
-    return backend == "fa3" and _kernel("fa3") is not None and torch.cuda.is_available()
+    """Whether fp8 attention can run for this backend (FA3 installed and a CUDA device present)."""
+    return backend == "fa3" and _kernel("fa3") is not None and (
+        torch.cuda.is_available() or any(d != "cuda" for d in FP8_ATTENTION_DEVICES))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa", mask: Tensor | None = None,
-              fp8: bool = False) -> Tensor:
+def fp8_attention_applies(q: Tensor, backend: str, mask: Tensor | None = None) -> bool:
+    """Whether ``fa3_fp8`` runs for these tensors: backend fa3 installed, no mask, q bf16/fp16 on a device
+    that has it, head_dim a multiple of 16 (else the caller runs ``attention`` in q's dtype)."""
+    return (mask is None and backend == "fa3" and q.device.type in FP8_ATTENTION_DEVICES and q.dtype in _HALF
+            and q.shape[-1] % 16 == 0 and _kernel("fa3") is not None)
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa", mask: Tensor | None = None) -> Tensor:
     """Non-causal attention; q, k, v and the result are [B, heads, L, head_dim].
 
     ``mask`` (bool, broadcastable to [B, heads, L, L], True = attend) always runs as SDPA. A backend
     that is missing, or that cannot take these tensors (flash/sage/xformers/fa3 need CUDA, flash/sage/fa3
-    need fp16/bf16), runs as SDPA. ``fp8`` runs FA3's fp8 forward when the backend is fa3 (module
-    docstring), and is ignored otherwise."""
+    need fp16/bf16), runs as SDPA."""
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     fn = _kernel(backend) if backend != "sdpa" and q.is_cuda else None
     if fn is None or (backend != "xformers" and q.dtype not in _HALF):
         return _sdpa(q, k, v)
-    if fp8 and backend == "fa3":
-        return _fa3_fp8(q, k, v)
     return fn(q, k, v)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import attention, fp8_attention_available, resolve_backend
+from .attention import (E4M3_MAX, attention, fa3_fp8, fp8_attention_applies, fp8_attention_available, head_scales,
+                        quantize_e4m3, resolve_backend)
 from .ops import CastLinear as Linear
 from .errors import CheckpointError
 
@@ -145,12 +146,22 @@ def rope_table(pos: Tensor, axes_dims: tuple[int, ...], theta: float) -> Tensor:
     return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
 
 
-def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
+def apply_rope(x: Tensor, freqs: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Rotate interleaved pairs of x [B, L, heads, head_dim] in float32 (ComfyUI's op sequence: one
-    product, one addcmul, so results match it bit for bit); result in x's dtype."""
+    product, one addcmul, so results match it bit for bit); result in ``dtype`` (default x's)."""
     x_ = x.unflatten(-1, (-1, 1, 2))
     out = freqs[..., 0] * x_[..., 0]
-    return out.addcmul_(freqs[..., 1], x_[..., 1]).flatten(-2).type_as(x)
+    return out.addcmul_(freqs[..., 1], x_[..., 1]).flatten(-2).to(x.dtype if dtype is None else dtype)
+
+
+def rope_fp8_scale(norm: nn.RMSNorm) -> Tensor:
+    """A static e4m3 scale for RoPE(norm(x)), whatever x: RMSNorm makes every head vector's squared sum
+    head_dim * mean(w_i^2 x_i^2) / mean(x^2) <= head_dim * max(w^2) (eps only shrinks it), and RoPE rotates
+    pairs, so no component exceeds sqrt(head_dim) * max|w|; that bound maps to 448. fp8 keeps its relative
+    precision for anything down to 1/28672 of the bound, so nothing is lost against a per-head amax, and no
+    reduction over the sequence is needed: the quantization fuses into the norm/RoPE pass. fp32, 0-dim."""
+    w_max = norm.weight.detach().abs().amax().float()
+    return (w_max * math.sqrt(norm.normalized_shape[-1]) / E4M3_MAX).clamp_min(1e-12)
 
 
 class RMSNorm(nn.RMSNorm):
@@ -177,9 +188,23 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, freqs: Tensor, mask: Tensor | None = None) -> Tensor:
         B, L, _ = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, -1).unbind(2)
+        if self.fp8 and fp8_attention_applies(q, self.backend, mask):
+            return self.out(self._fp8_attention(q, k, v, freqs).reshape(B, L, -1))
         q, k = apply_rope(self.q_norm(q), freqs), apply_rope(self.k_norm(k), freqs)
-        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.backend, mask, self.fp8)
+        o = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.backend, mask)
         return self.out(o.transpose(1, 2).reshape(B, L, -1))
+
+    def _fp8_attention(self, q: Tensor, k: Tensor, v: Tensor, freqs: Tensor) -> Tensor:
+        """FA3's fp8 forward on [B, L, heads, head_dim] q/k/v straight from the qkv matmul: q and k leave the
+        norm/RoPE pass in e4m3 with their static scales (``rope_fp8_scale``), v with one scale per
+        (batch, head). Result bf16 [B, L, heads, head_dim]."""
+        B, H = q.shape[0], q.shape[2]
+        sq, sk = rope_fp8_scale(self.q_norm), rope_fp8_scale(self.k_norm)
+        q8 = quantize_e4m3(apply_rope(self.q_norm(q), freqs, torch.float32), sq)
+        k8 = quantize_e4m3(apply_rope(self.k_norm(k), freqs, torch.float32), sk)
+        sv = head_scales(v)
+        v8 = quantize_e4m3(v, sv[:, None, :, None])
+        return fa3_fp8(q8, k8, v8, sq.expand(B, H).contiguous(), sk.expand(B, H).contiguous(), sv).to(q.dtype)
 
 
 class FeedForward(nn.Module):
@@ -263,10 +288,12 @@ class ZImageDiT(nn.Module):
         return reason
 
     def set_fp8_attention(self, on: bool) -> bool:
-        """fp8 attention in every block (FA3's fp8 forward, core/attention.py) when ``on`` and the blocks'
-        backend can run it; returns whether it is in effect. Not used by the nodes: on an H100 it made a
-        1024x1024 fp8 forward slower (69 vs 66 ms; quantizing q/k/v costs more than the fp8 kernel saves),
-        bench/bench_pipeline.py's ours_fp8_fa3 peer measures it."""
+        """fp8 attention in every block (FA3's fp8 forward, ``Attention._fp8_attention``) when ``on`` and the
+        blocks' backend can run it; returns whether it is in effect. Not used by the nodes yet: with dynamic
+        per-head scales for q, k and v it made a 1024x1024 fp8 forward slower on an H100 (69 vs 66 ms: the
+        three amax passes cost more than the fp8 kernel saved); q and k now take static scales fused into
+        RoPE (unmeasured). bench/bench_pipeline.py's ours_fp8_fa3 peer and graph_check.py --fp8-attention
+        measure it."""
         blocks = [m for m in self.modules() if isinstance(m, Attention)]
         use = bool(on) and all(fp8_attention_available(m.backend) for m in blocks)
         for m in blocks:
