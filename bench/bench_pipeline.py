@@ -129,11 +129,12 @@ def fake_caption(dim: int = 2560):
 
 # ---------------------------------------------------------------- workers (one process each)
 
-def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention: str = "sdpa",
-                graphs: bool = False, batch4: bool = False) -> dict:
+def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention: str = "auto",
+                graphs: bool = False, batch4: bool = False, fp8_attention: bool = False) -> dict:
     import torch
     from zimage_nodes.core import compile as dit_compile, loader, policy as P, sampling, schedule, vae as vae_mod
     from zimage_nodes.core.graphs import StepGraphs
+    from zimage_nodes.core.attention import auto_backend
     from zimage_nodes.core.streaming import BlockStreamer
     paths = weight_paths(root)
     dev = torch.device(DEVICE)
@@ -152,7 +153,8 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
     dit = loader.load_dit(plan.dit, torch.device("cpu") if streamed else dev, torch.bfloat16, torch.bfloat16)
     sync()
     load_s = time.time() - t0
-    if attention != "sdpa" and (why := dit.set_attention_backend(attention)):
+    used = auto_backend(dev) if attention == "auto" else attention  # auto: as the loader node resolves it
+    if used != "sdpa" and (why := dit.set_attention_backend(used)):
         raise RuntimeError(why)
     vae = loader.load_vae(plan.vae, dev, torch.bfloat16)
     streamer = None
@@ -180,7 +182,7 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
             ref_x0 = sampling.sample(dit, noise, sigmas, cap_feats)
             ref_img = vae.decode(vae_mod.model_to_raw(ref_x0)).float()
         ops.quantize_linears_fp8(dit, fp8_matmul=True)
-        fp8_attention = dit.set_fp8_attention(True)  # FA3's fp8 forward when the backend is fa3
+        fp8_attention = dit.set_fp8_attention(fp8_attention)  # FA3's fp8 forward (backend fa3): its peers only
         torch._dynamo.reset()
         if compiled:
             dit_compile.disable(dit)
@@ -252,11 +254,11 @@ def worker_ours(root: Path, cap: float, runs: int, fp8: bool = False, attention:
             + (f" with {json.dumps(options)}" if compiled and options else "")
             + ((", CUDA graph" if not graph_errors else f", CUDA graph failed: {graph_errors[0]}") if use_graphs else "")
             + (", fp8 matmuls" if fp8 else "")
-            + (f", attention {attention}" + (" fp8" if fp8 and fp8_attention else "") if attention != "sdpa" else ""))
+            + f", attention {used}" + (" (auto)" if attention == "auto" else "") + (" fp8" if fp8 and fp8_attention else ""))
     if b4:
         mode += (f"; batch 4: DiT {b4['batch4_dit_s']:.3f} s + VAE {b4['batch4_vae_s']:.3f} s, images/s "
                  f"{b4['batch4_throughput_x']:.2f} x batch 1 (DiT alone {b4['batch4_dit_throughput_x']:.2f} x)")
-    peer = ("ours_fp8" if fp8 else "ours") + ("" if attention == "sdpa" else f"_{attention}") + (
+    peer = ("ours_fp8" if fp8 else "ours") + ("" if attention == "auto" else f"_{attention}") + (
         "_graph" if graphs else "") + ("_b4" if batch4 else "")
     return {**b4, "peer": peer, "cap": cap, "mode": mode, "dit_s": dit_s,
             "vae_s": statistics.median(r[1] for r in res), "finite": all(r[2] for r in res),
@@ -470,9 +472,9 @@ def ceilings() -> dict:
 
 
 WORKERS = {"ours": worker_ours, "ours_fp8": partial(worker_ours, fp8=True),
-           "ours_fa3": partial(worker_ours, attention="fa3"),
-           "ours_fp8_fa3": partial(worker_ours, fp8=True, attention="fa3"),
-           "ours_fp8_fa3_graph": partial(worker_ours, fp8=True, attention="fa3", graphs=True),
+           "ours_fa3": partial(worker_ours, attention="fa3"), "ours_sdpa": partial(worker_ours, attention="sdpa"),
+           "ours_fp8_fa3": partial(worker_ours, fp8=True, attention="fa3", fp8_attention=True),
+           "ours_fp8_fa3_graph": partial(worker_ours, fp8=True, attention="fa3", fp8_attention=True, graphs=True),
            "ours_graph": partial(worker_ours, graphs=True), "ours_fp8_graph": partial(worker_ours, fp8=True, graphs=True),
            "ours_b4": partial(worker_ours, batch4=True), "ours_graph_b4": partial(worker_ours, graphs=True, batch4=True),
            "comfy": worker_comfy, "diffusers": worker_diffusers, "calib": worker_calib, "modes": worker_modes}

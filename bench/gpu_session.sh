@@ -14,7 +14,8 @@
 #       then batch 4), ours_graph_b4, ComfyUI, diffusers, ours_fp8_graph, ours_fp8_fa3_graph (fp8 matmuls, FA3's
 #       fp8 attention with static q/k scales, CUDA graphs: the candidate for the 56 ms fp8 target) and ours_fp8
 #       on the whole card (in that order: a run cut off at the time limit keeps the rows measured so far, in
-#       card.json). FA3 comes from .cache/gpurun/extra (fa3-fwd); without it that row runs SDPA and says so.
+#       card.json). FA3 comes from .cache/gpurun/extra (fa3-fwd); without it the fa3 row reports an error.
+#       With it, the ours* rows use fa3 by the nodes' `auto` rule (Hopper + FA3 installed), as users would.
 # rest: the weights (unless still there), load_profile.py (where the warm load's time goes), ours_graph and
 #       ComfyUI under cudaMallocAsync (ComfyUI's default allocator), then the whole-forward graph lab.
 # tune: no files. The gpu-marked graph, reader and fp8-attention tests (a recording beside a thread polling

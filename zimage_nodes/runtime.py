@@ -22,6 +22,7 @@ from .core import compile as dit_compile
 from .core import graphs as dit_graphs
 from .core import policy as P
 from .core import loader, sampling, schedule
+from .core.attention import auto_backend
 from .core import text_encoder as te_mod
 from .core import vae as vae_mod
 from .core import vram
@@ -175,10 +176,13 @@ def load_model(dit_name: str, text_encoder_name: str, vae_name: str, diffusers_f
         dit_patcher = bridge.make_patcher(dit, dev, dit_home)
         if dit_home == dev:
             bridge.register_loaded(dit_patcher)
-        if pol.attention != "auto":
-            reason = dit.set_attention_backend(pol.attention)
+        backend = pol.attention if pol.attention != "auto" else auto_backend(dev)
+        if backend != "sdpa":
+            reason = dit.set_attention_backend(backend)
             if reason:
                 notes.append(reason)
+            elif pol.attention == "auto":
+                notes.append(f"attention: {backend} (auto: FlashAttention-3 is installed and this is a Hopper GPU)")
         weights_note = policy_runtime.prepare_dit_weights(  # fp8: scales, and fp8 matmuls for fp8_fast
             dit, pol, dit_storage, dit_compute, torch.device("cpu") if pol.mode is P.Mode.CPU else dev)
         if weights_note:

@@ -264,6 +264,22 @@ def fa3_stand_in(monkeypatch):
     attn.forget_backends()
 
 
+def test_auto_backend_is_fa3_on_hopper_when_installed(fa3_stand_in, monkeypatch):
+    """auto = FlashAttention-3 where it is installed and the GPU is a Hopper (9.x), else SDPA."""
+    assert attn.auto_backend("cpu") == "sdpa"
+    capability = {"now": (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["now"])
+    assert attn.auto_backend("cuda") == "fa3" and attn.auto_backend(torch.device("cuda", 1)) == "fa3"
+    capability["now"] = (8, 9)  # Ada: FA3 is not built for it
+    assert attn.auto_backend("cuda") == "sdpa"
+    capability["now"] = (10, 0)
+    assert attn.auto_backend("cuda") == "sdpa"
+    monkeypatch.setattr(attn, "_module", lambda backend: None)  # not installed
+    attn.forget_backends()
+    capability["now"] = (9, 0)
+    assert attn.auto_backend("cuda") == "sdpa"
+
+
 @torch.inference_mode()
 def test_fp8_attention_quantizes_q_k_statically_v_per_head_and_matches_bf16(fa3_stand_in):
     """The DiT attention's fp8 path (static q/k scales from the norms, per-head v scales, FA3's fp8 forward)

@@ -32,10 +32,10 @@ class ZImageMemoryPolicy:
                             "tooltip": "DiT weight storage: bf16; fp8 (half the memory and streaming, bf16 "
                                        "matmuls); fp8_fast (fp8 matmuls on GPUs that have them, else fp8)."}),
             "attention": (["auto", *BACKENDS], {"default": "auto",
-                          "tooltip": "Attention kernel. auto = PyTorch SDPA (on Hopper it runs cuDNN's kernel, "
-                                     "measured faster than its flash and efficient kernels); fa3 = FlashAttention-3 when installed "
-                                     "(flash_attn_interface or fa3-fwd; on an H100 2% faster than cuDNN's kernel); "
-                                     "a missing one falls back to sdpa with a note."}),
+                          "tooltip": "Attention kernel. auto = fa3 on a Hopper GPU when FlashAttention-3 is installed "
+                                     "(flash_attn_interface or fa3-fwd; on an H100 2% faster than cuDNN's kernel), else "
+                                     "PyTorch SDPA (on Hopper it runs cuDNN's kernel, measured faster than its flash and "
+                                     "efficient kernels); a missing backend falls back to sdpa with a note."}),
             "vae_mode": ([v.value for v in VAEMode], {"default": VAEMode.AUTO.value,
                          "tooltip": "auto = untiled when it fits beside the DiT, else tiled."}),
             "vae_tile": ("INT", {"default": 512, "min": 256, "max": 2048, "step": 64,
