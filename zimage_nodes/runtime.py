@@ -176,7 +176,8 @@ def load_model(dit_name: str, text_encoder_name: str, vae_name: str, diffusers_f
         dit_patcher = bridge.make_patcher(dit, dev, dit_home)
         if dit_home == dev:
             bridge.register_loaded(dit_patcher)
-        backend = pol.attention if pol.attention != "auto" else auto_backend(dev)
+        run_dev = torch.device("cpu") if pol.mode is P.Mode.CPU else dev  # where the DiT computes
+        backend = pol.attention if pol.attention != "auto" else auto_backend(run_dev)
         if backend != "sdpa":
             reason = dit.set_attention_backend(backend)
             if reason:
@@ -184,7 +185,7 @@ def load_model(dit_name: str, text_encoder_name: str, vae_name: str, diffusers_f
             elif pol.attention == "auto":
                 notes.append(f"attention: {backend} (auto: FlashAttention-3 is installed and this is a Hopper GPU)")
         weights_note = policy_runtime.prepare_dit_weights(  # fp8: scales, and fp8 matmuls for fp8_fast
-            dit, pol, dit_storage, dit_compute, torch.device("cpu") if pol.mode is P.Mode.CPU else dev)
+            dit, pol, dit_storage, dit_compute, run_dev)
         if weights_note:
             notes.append(weights_note)
 

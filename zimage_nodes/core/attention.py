@@ -138,8 +138,8 @@ def fa3_fp8(q8: Tensor, k8: Tensor, v8: Tensor, q_descale: Tensor, k_descale: Te
 
 def fp8_attention_available(backend: str) -> bool:
     """Whether fp8 attention can run for this backend (FA3 installed and a CUDA device present)."""
-    return backend == "fa3" and _kernel("fa3") is not None and (
-        torch.cuda.is_available() or any(d != "cuda" for d in FP8_ATTENTION_DEVICES))
+    device_present = torch.cuda.is_available() or bool(FP8_ATTENTION_DEVICES - {"cuda"})
+    return backend == "fa3" and _kernel("fa3") is not None and device_present
 
 
 def fp8_attention_applies(q: Tensor, backend: str, mask: Tensor | None = None) -> bool:
