@@ -191,6 +191,16 @@ def _sync(dev) -> None:
         torch.cuda.synchronize(dev)
 
 
+def load_jobs(plan, dev) -> dict:
+    """The three loader calls for ``plan`` to ``dev`` in bf16 through core/loader.py, each a call to time:
+    "dit" (the DiT), "vae" (a ZImageVAE) and "te" (the text encoder, as its first use loads it)."""
+    import torch
+    from zimage_nodes.core import loader
+    return {"dit": lambda: loader.load_dit(plan.dit, dev, torch.bfloat16, torch.bfloat16),
+            "vae": lambda: loader.load_vae(plan.vae, dev, torch.bfloat16),
+            "te": lambda: loader.LazyTextEncoder(plan.text_encoder, dev, torch.bfloat16, torch.bfloat16).get()}
+
+
 def load_all(root: Path, device: str = "cuda:0") -> dict[str, float]:
     """Plan and load the three components to the device in bf16 through core/loader.py; seconds per stage."""
     import torch
@@ -201,21 +211,16 @@ def load_all(root: Path, device: str = "cuda:0") -> dict[str, float]:
     t0 = time.perf_counter()
     plan = loader.plan_single_files(p["dit"], p["te"], p["vae"], REPO)  # (the tokenizer is not loaded here)
     times["plan"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    dit = loader.load_dit(plan.dit, dev, torch.bfloat16, torch.bfloat16)
-    _sync(dev)
-    times["dit"] = time.perf_counter() - t
-    t = time.perf_counter()
-    vae = loader.load_vae(plan.vae, dev, torch.bfloat16)
-    _sync(dev)
-    times["vae"] = time.perf_counter() - t
-    t = time.perf_counter()
-    te = loader.LazyTextEncoder(plan.text_encoder, dev, torch.bfloat16, torch.bfloat16).get()
-    _sync(dev)
-    times["te"] = time.perf_counter() - t
+    loaded = {}
+    for name, job in load_jobs(plan, dev).items():
+        t = time.perf_counter()
+        loaded[name] = job()
+        _sync(dev)
+        times[name] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
+    dit, vae, te = loaded["dit"], loaded["vae"], loaded["te"]
     assert not any(t.is_meta or t.device != dev for m in (dit, vae.model, te) for t in m.parameters())
-    del dit, vae, te
+    del dit, vae, te, loaded
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -40,8 +40,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import torch  # noqa: E402
 
-from bench_load import generate, paths  # noqa: E402
+from bench_load import generate, load_jobs, paths  # noqa: E402
 from dit_speed_lab import ROWS, row  # noqa: E402
+from meta_build_time import meta_build_jobs  # noqa: E402
 
 
 DEV = torch.device("cuda:0")  # --device
@@ -109,47 +110,30 @@ def raw(files) -> None:
 
 
 def stages(plan, dev) -> None:
-    from zimage_nodes.core import dit as dit_mod, loader, text_encoder as te_mod, vae as vae_mod
+    builds, loads = meta_build_jobs(plan), load_jobs(plan, dev)
     for rep in range(2):
         fresh()
-        t = {}
-        s = time.perf_counter()
-        shapes = plan.dit.shapes
-        targets = loader.dit_targets(list(shapes), plan.dit.prefix, plan.dit.layout)
-        dit_mod.meta_dit_from_shapes(loader.original_shapes(shapes, targets), dtype=torch.bfloat16)
-        t["dit_meta"] = time.perf_counter() - s
-        s = time.perf_counter()
-        cfg = te_mod.qwen3_config_from_shapes(plan.text_encoder.shapes, plan.text_encoder.prefix)
-        te_mod.build_text_encoder(cfg, device="meta")
-        t["te_meta"] = time.perf_counter() - s
-        s = time.perf_counter()
-        sh = {k: v for h in plan.vae.headers for k, v in h.shapes().items()}
-        vae_mod._plan(sh, plan.vae.prefix, torch.bfloat16)  # the key map and the meta model, as load_vae does
-        t["vae_plan_build"] = time.perf_counter() - s
-        s = time.perf_counter()
-        dit = loader.load_dit(plan.dit, dev, torch.bfloat16, torch.bfloat16)
-        sync()
-        t["load_dit"] = time.perf_counter() - s
-        s = time.perf_counter()
-        vae = loader.load_vae(plan.vae, dev, torch.bfloat16)
-        sync()
-        t["load_vae"] = time.perf_counter() - s
-        s = time.perf_counter()
-        te = loader.LazyTextEncoder(plan.text_encoder, dev, torch.bfloat16, torch.bfloat16).get()
-        sync()
-        t["load_te"] = time.perf_counter() - s
-        t["sum_loads"] = t["load_dit"] + t["load_vae"] + t["load_te"]
+        t, loaded = {}, {}
+        for name, job in builds.items():  # the meta builds alone (the loads below include them again)
+            s = time.perf_counter()
+            job()
+            t[name] = time.perf_counter() - s
+        for name, job in loads.items():
+            s = time.perf_counter()
+            loaded[name] = job()
+            sync()
+            t[f"load_{name}"] = time.perf_counter() - s
+        t["sum_loads"] = sum(t[f"load_{name}"] for name in loads)
         row(f"stages rep {rep}", **{k: round(v, 4) for k, v in t.items()})
-        del dit, vae, te
+        del loaded
 
 
 def profiled(plan, dev) -> None:
-    from zimage_nodes.core import loader
+    loads = load_jobs(plan, dev)
     fresh()
     pr = cProfile.Profile()
     pr.enable()
-    dit = loader.load_dit(plan.dit, dev, torch.bfloat16, torch.bfloat16)
-    te = loader.LazyTextEncoder(plan.text_encoder, dev, torch.bfloat16, torch.bfloat16).get()
+    dit, te = loads["dit"](), loads["te"]()
     sync()
     pr.disable()
     for key in ("tottime", "cumulative"):
@@ -160,7 +144,7 @@ def profiled(plan, dev) -> None:
     fresh()  # the VAE: 0.17 GB in 0.11 s on the H200 host (1.5 GB/s), so per-tensor costs dominate
     pr = cProfile.Profile()
     pr.enable()
-    vae = loader.load_vae(plan.vae, dev, torch.bfloat16)
+    vae = loads["vae"]()
     sync()
     pr.disable()
     s = io.StringIO()
@@ -170,7 +154,6 @@ def profiled(plan, dev) -> None:
 
 
 def concurrent(plan, dev) -> None:
-    from zimage_nodes.core import loader
     for rep in range(2):
         fresh()
         out, times = {}, {}
@@ -181,11 +164,8 @@ def concurrent(plan, dev) -> None:
             sync()
             times[name] = time.perf_counter() - s
 
-        jobs = {"dit": lambda: loader.load_dit(plan.dit, dev, torch.bfloat16, torch.bfloat16),
-                "vae": lambda: loader.load_vae(plan.vae, dev, torch.bfloat16),
-                "te": lambda: loader.LazyTextEncoder(plan.text_encoder, dev, torch.bfloat16, torch.bfloat16).get()}
         s = time.perf_counter()
-        ths = [threading.Thread(target=run, args=(k, v)) for k, v in jobs.items()]
+        ths = [threading.Thread(target=run, args=(k, v)) for k, v in load_jobs(plan, dev).items()]
         for th in ths:
             th.start()
         for th in ths:

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -20,6 +21,19 @@ from zimage_nodes.core import dit as dit_mod, loader, text_encoder as te_mod, va
 from zimage_nodes.testing import weights as W  # noqa: E402
 
 
+def meta_build_jobs(plan: loader.LoadPlan) -> dict[str, Callable[[], object]]:
+    """The loader's meta builds for ``plan``, each a call to time (the shapes and configs they start from are
+    derived here, outside the calls): the DiT's meta model, the text encoder's, and the VAE's plan (key
+    mapping + its meta model, what ``vae.load_vae`` builds once per load)."""
+    targets = loader.dit_targets(list(plan.dit.shapes), plan.dit.prefix, plan.dit.layout)
+    dit_shapes = loader.original_shapes(plan.dit.shapes, targets)
+    te_cfg = te_mod.qwen3_config_from_shapes(plan.text_encoder.shapes, plan.text_encoder.prefix)
+    vae_shapes = {k: v for h in plan.vae.headers for k, v in h.shapes().items()}
+    return {"dit_meta": lambda: dit_mod.meta_dit_from_shapes(dit_shapes, dtype=torch.bfloat16),
+            "te_meta": lambda: te_mod.build_text_encoder(te_cfg, device="meta"),
+            "vae_plan_build": lambda: vae_mod._plan(vae_shapes, plan.vae.prefix, torch.bfloat16)}
+
+
 def main() -> int:
     full = W.SCALES["full"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -27,14 +41,7 @@ def main() -> int:
         for name, specs in (("dit", W.dit_tensors(full.dit)), ("te", W.te_tensors(full.te)),
                             ("vae", W.vae_tensors(full.vae))):
             files[name] = W.write_sparse(Path(tmp) / f"{name}.safetensors", {s.name: s.shape for s in specs})
-        plan = loader.plan_single_files(files["dit"], files["te"], files["vae"], REPO)
-        targets = loader.dit_targets(list(plan.dit.shapes), plan.dit.prefix, plan.dit.layout)
-        dit_shapes = loader.original_shapes(plan.dit.shapes, targets)
-        te_cfg = te_mod.qwen3_config_from_shapes(plan.text_encoder.shapes, plan.text_encoder.prefix)
-        vae_shapes = {k: v for h in plan.vae.headers for k, v in h.shapes().items()}
-        jobs = {"dit_meta": lambda: dit_mod.meta_dit_from_shapes(dit_shapes, dtype=torch.bfloat16),
-                "te_meta": lambda: te_mod.build_text_encoder(te_cfg, device="meta"),
-                "vae_plan_and_meta": lambda: vae_mod._plan(vae_shapes, plan.vae.prefix, torch.bfloat16)}
+        jobs = meta_build_jobs(loader.plan_single_files(files["dit"], files["te"], files["vae"], REPO))
         best: dict[str, float] = {}
         for _ in range(5):
             for name, job in jobs.items():
